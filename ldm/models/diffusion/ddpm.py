@@ -1,0 +1,241 @@
+"""LatentDiffusion: frozen Stable Diffusion v1 plus ViCo's trainable S* and image attention.
+
+State-dict layout is CompVis's (``model.diffusion_model.*``, ``first_stage_model.*``,
+``cond_stage_model.*``, the schedule buffers, ``embedding_manager.*``) so SD checkpoints and
+the authors' adapters load by name.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.vico import ReferenceCondition
+from ldm.util import instantiate_from_config, load_base_checkpoint
+
+
+class DiffusionWrapper(nn.Module):
+    """Holds the UNet under the name ``diffusion_model``, as CompVis checkpoints expect."""
+
+    def __init__(self, diff_model_config: Mapping[str, Any]):
+        super().__init__()
+        self.diffusion_model = instantiate_from_config(diff_model_config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        reference: ReferenceCondition | None = None,
+    ) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context, reference=reference)
+
+
+class LatentDiffusion(pl.LightningModule):
+    """Stable Diffusion v1 with ViCo (paper Sec. 3).
+
+    Args:
+        unet_config, first_stage_config, cond_stage_config: ``target``/``params`` configs of
+            the UNet, the KL autoencoder and the frozen text encoder.
+        personalization_config: config of the :class:`EmbeddingManager` (S*); the text
+            encoder is passed to it as ``embedder``.
+        timesteps, beta_schedule, linear_start, linear_end, cosine_s: the diffusion schedule.
+        scale_factor: latent scaling of SD v1 (0.18215).
+        reg_weight: lambda of Eq. 7 (5e-4).
+        image_attention_learning_rate: learning rate of the image-attention blocks (1e-5);
+            S* uses ``learning_rate`` (set by main.py from ``base_learning_rate``).
+        image_size, channels: latent shape for sampling.
+        ckpt_path: optional base SD checkpoint read at construction.
+    """
+
+    def __init__(
+        self,
+        unet_config: Mapping[str, Any],
+        first_stage_config: Mapping[str, Any],
+        cond_stage_config: Mapping[str, Any],
+        personalization_config: Mapping[str, Any],
+        timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        cosine_s: float = 8e-3,
+        scale_factor: float = 0.18215,
+        reg_weight: float = 5e-4,
+        image_attention_learning_rate: float = 1e-5,
+        image_size: int = 64,
+        channels: int = 4,
+        ckpt_path: str | None = None,
+    ):
+        super().__init__()
+        self.model = DiffusionWrapper(unet_config)
+        self.first_stage_model = instantiate_from_config(first_stage_config)
+        self.cond_stage_model = instantiate_from_config(cond_stage_config)
+        self.embedding_manager = instantiate_from_config(personalization_config, embedder=self.cond_stage_model)
+        self.scale_factor = scale_factor
+        self.reg_weight = reg_weight
+        self.image_attention_learning_rate = image_attention_learning_rate
+        self.learning_rate = 5e-3
+        self.image_size = image_size
+        self.channels = channels
+        self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        if ckpt_path:
+            self.load_base_checkpoint(ckpt_path)
+        self.freeze_base_model()
+
+    # ----------------------------------------------------------------- set-up
+    def register_schedule(
+        self,
+        beta_schedule: str = "linear",
+        timesteps: int = 1000,
+        linear_start: float = 0.00085,
+        linear_end: float = 0.012,
+        cosine_s: float = 8e-3,
+    ) -> None:
+        """The 12 schedule buffers of CompVis ``DDPM``, computed in float64, stored in float32."""
+        betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        alphas = 1.0 - betas
+        alphas_cumprod = np.cumprod(alphas)
+        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])
+        self.num_timesteps = int(timesteps)
+        to_torch = partial(torch.tensor, dtype=torch.float32)
+        posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+        buffers = {
+            "betas": betas,
+            "alphas_cumprod": alphas_cumprod,
+            "alphas_cumprod_prev": alphas_cumprod_prev,
+            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+            "posterior_variance": posterior_variance,
+            "posterior_log_variance_clipped": np.log(np.maximum(posterior_variance, 1e-20)),
+            "posterior_mean_coef1": betas * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, to_torch(value))
+
+    def load_base_checkpoint(self, path: str) -> None:
+        """Load the frozen SD v1 weights (see :func:`ldm.util.load_base_checkpoint`)."""
+        load_base_checkpoint(self, path)
+
+    def freeze_base_model(self) -> None:
+        """Only S* and the image-attention blocks learn; everything else is frozen."""
+        self.requires_grad_(False)
+        for p in self.trainable_parameters():
+            p.requires_grad_(True)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> LatentDiffusion:
+        """Frozen SD modules stay in eval mode whatever Lightning asks; the ViCo parts follow ``mode``."""
+        super().train(mode)
+        self.first_stage_model.eval()
+        self.cond_stage_model.eval()
+        self.model.eval()
+        for module in self.model.modules():
+            image_attention = getattr(module, "image_cross_attention", None)
+            if image_attention is not None:
+                image_attention.train(mode)
+        return self
+
+    def placeholder_parameters(self) -> list[nn.Parameter]:
+        return list(self.embedding_manager.embedding_parameters())
+
+    def image_attention_parameters(self) -> list[nn.Parameter]:
+        return self.model.diffusion_model.image_attention_parameters()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return self.placeholder_parameters() + self.image_attention_parameters()
+
+    # --------------------------------------------------------------- encoders
+    @torch.no_grad()
+    def encode_first_stage(self, x: torch.Tensor):
+        """Posterior of the autoencoder for images in [-1, 1] (unscaled)."""
+        return self.first_stage_model.encode(x)
+
+    @torch.no_grad()
+    def get_first_stage_encoding(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A scaled latent sampled from the posterior of ``x``."""
+        return self.scale_factor * self.encode_first_stage(x).sample(generator)
+
+    @torch.no_grad()
+    def decode_first_stage(self, z: torch.Tensor) -> torch.Tensor:
+        return self.first_stage_model.decode(z / self.scale_factor)
+
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.cond_stage_model.tokenize(list(prompts)).to(self.device)
+
+    def get_learned_conditioning(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        """Text context ``[B, 77, 768]`` with S* substituted by the embedding manager."""
+        tokens = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
+        return self.cond_stage_model.encode(tokens, embedding_manager=self.embedding_manager)
+
+    def reference_condition(
+        self,
+        reference_latent: torch.Tensor,
+        context: torch.Tensor,
+        tokens: torch.Tensor,
+        timesteps: torch.Tensor | None = None,
+        references_per_group: int = 1,
+        compute_regularizer: bool = False,
+    ) -> ReferenceCondition:
+        """Describe the reference stream: its latent, the context it attends to, and where
+        S* and end-of-text sit in that context."""
+        placeholder_index, eot_index, _found = self.embedding_manager.placeholder_positions(tokens)
+        return ReferenceCondition(
+            latent=reference_latent,
+            context=context,
+            placeholder_index=placeholder_index,
+            eot_index=eot_index,
+            timesteps=timesteps,
+            references_per_group=references_per_group,
+            compute_regularizer=compute_regularizer,
+        )
+
+    # ---------------------------------------------------------------- process
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Diffuse ``x_start`` to step ``t``: sqrt(a_t) x_0 + sqrt(1 - a_t) noise."""
+        return (
+            extract_into_tensor(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
+            + extract_into_tensor(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+        )
+
+    def apply_model(
+        self,
+        x_noisy: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        reference: ReferenceCondition | None = None,
+    ) -> torch.Tensor:
+        """Predicted noise; with ``reference`` the UNet also attends to the reference image."""
+        return self.model(x_noisy, t, context, reference)
+
+    def p_losses(
+        self,
+        x_start: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        reference: ReferenceCondition,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Eq. 7: noise MSE + ``reg_weight`` x the regulariser of Eq. 6 summed over patched layers."""
+        noise = torch.randn_like(x_start) if noise is None else noise
+        reference.compute_regularizer = True
+        reference.regularizer_terms.clear()
+        model_output = self.apply_model(self.q_sample(x_start, t, noise), t, context, reference)
+        loss_simple = F.mse_loss(model_output.float(), noise.float())
+        loss_reg = (
+            torch.stack(reference.regularizer_terms).sum()
+            if reference.regularizer_terms
+            else loss_simple.new_zeros(())
+        )
+        loss = loss_simple + self.reg_weight * loss_reg
+        return loss, {"loss_simple": loss_simple.detach(), "loss_reg": loss_reg.detach(), "loss": loss.detach()}
