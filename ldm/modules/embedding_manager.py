@@ -1,0 +1,212 @@
+"""Learnable placeholder-token embeddings (the S* of Textual Inversion / ViCo)."""
+
+import logging
+import os
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+
+logger = logging.getLogger(__name__)
+
+# The only non-default class the authors' embeddings files pickle: the ParameterDict module itself
+# (its Parameters and OrderedDicts are already allowed by ``weights_only`` loading).
+_AUTHORS_FORMAT_GLOBALS = [nn.ParameterDict]
+
+PathLike = str | os.PathLike[str]
+
+
+def _single_token(embedder: FrozenCLIPEmbedder, text: str, role: str, advice: str) -> int:
+    """Returns the id of ``text``, which must tokenize to exactly one CLIP token."""
+    ids = embedder.tokenizer.encode(text)
+    if len(ids) != 1:
+        raise ValueError(f"{role} {text!r} is {len(ids)} CLIP tokens ({ids}); {advice}")
+    return ids[0]
+
+
+class EmbeddingManager(nn.Module):
+    """Holds one learnable embedding per placeholder string and splices it into CLIP token embeddings.
+
+    State dict: ``string_to_param_dict.<placeholder>`` (learnable, ``[num_vectors_per_token, D]``) and
+    ``initial_embeddings.<placeholder>`` (a frozen copy of the starting value).
+
+    Args:
+        embedder: The text encoder whose tokenizer and token embedding table define the placeholders.
+        placeholder_strings: Strings standing for the learned concepts; each must be one CLIP token.
+        initializer_words: Words whose token embeddings initialise the placeholders, matched by
+            position; each must be one CLIP token. Placeholders without one start from
+            ``torch.rand`` values, as in Textual Inversion.
+        num_vectors_per_token: Number of embedding vectors each placeholder expands into.
+    """
+
+    def __init__(
+        self,
+        embedder: FrozenCLIPEmbedder,
+        placeholder_strings: Sequence[str] = ("*",),
+        initializer_words: Sequence[str] | None = None,
+        num_vectors_per_token: int = 1,
+    ) -> None:
+        super().__init__()
+        initializer_words = list(initializer_words or [])
+        if num_vectors_per_token < 1:
+            raise ValueError(f"num_vectors_per_token must be >= 1, got {num_vectors_per_token}")
+        if len(initializer_words) > len(placeholder_strings):
+            raise ValueError(
+                f"{len(initializer_words)} initializer words given for "
+                f"{len(placeholder_strings)} placeholder strings"
+            )
+        self.eos_token_id = embedder.tokenizer.eos_token_id
+        self.num_vectors_per_token = num_vectors_per_token
+        self.string_to_token_dict: dict[str, int] = {}
+        self.string_to_param_dict = nn.ParameterDict()
+        self.initial_embeddings = nn.ParameterDict()
+
+        table = embedder.token_embedding.weight
+        for index, placeholder in enumerate(placeholder_strings):
+            token_id = _single_token(
+                embedder, placeholder, "placeholder string", "choose a string that is a single token"
+            )
+            if index < len(initializer_words):
+                word = initializer_words[index]
+                init_id = _single_token(
+                    embedder, word, "initializer word", "choose a word that is a single token"
+                )
+                initial = table[init_id].detach().repeat(num_vectors_per_token, 1)
+            else:
+                word = None
+                initial = torch.rand(num_vectors_per_token, table.shape[1], dtype=table.dtype, device=table.device)
+            self.string_to_token_dict[placeholder] = token_id
+            self.string_to_param_dict[placeholder] = nn.Parameter(initial.clone())
+            self.initial_embeddings[placeholder] = nn.Parameter(initial, requires_grad=False)
+            logger.debug("placeholder %r = token %d, initialised from %r", placeholder, token_id, word)
+
+    def embedding_parameters(self) -> Iterator[nn.Parameter]:
+        """Yields the learnable placeholder vectors (what the optimizer trains)."""
+        return iter(self.string_to_param_dict.values())
+
+    def forward(self, tokens: torch.LongTensor, token_embeddings: Tensor) -> Tensor:
+        """Replaces every placeholder position of ``token_embeddings`` by its learned vector(s).
+
+        Args:
+            tokens: Token ids, ``[B, T]``.
+            token_embeddings: Their CLIP token embeddings, ``[B, T, D]``; not modified.
+
+        Returns:
+            ``[B, T, D]`` embeddings. With several vectors per token, each placeholder expands into
+            consecutive positions, shifting the later tokens right and truncating to ``T``.
+        """
+        if self.num_vectors_per_token > 1:
+            return self._expand_placeholders(tokens, token_embeddings)
+        embeddings = token_embeddings
+        for placeholder, token_id in self.string_to_token_dict.items():
+            vector = self.string_to_param_dict[placeholder][0].to(embeddings.dtype)
+            embeddings = torch.where((tokens == token_id).unsqueeze(-1), vector, embeddings)
+        return embeddings
+
+    def _expand_placeholders(self, tokens: torch.LongTensor, token_embeddings: Tensor) -> Tensor:
+        """Inserts each placeholder's vectors at its occurrences, handling occurrences right to left.
+
+        Right to left, an insertion only shifts positions after the one it replaces, so the columns
+        of the occurrences still to handle stay valid in the original ``tokens``.
+        """
+        length = tokens.shape[1]
+        occurrences: list[tuple[int, int, str]] = []
+        for placeholder, token_id in self.string_to_token_dict.items():
+            batch_index, columns = torch.nonzero(tokens == token_id, as_tuple=True)
+            occurrences += [(column, row, placeholder) for row, column in zip(batch_index.tolist(), columns.tolist())]
+        rows = list(token_embeddings.unbind(0))
+        for column, row, placeholder in sorted(occurrences, reverse=True):
+            vectors = self.string_to_param_dict[placeholder].to(token_embeddings.dtype)
+            embedded = rows[row]
+            rows[row] = torch.cat([embedded[:column], vectors, embedded[column + 1 :]])[:length]
+        return torch.stack(rows)
+
+    def placeholder_positions(
+        self, tokens: torch.LongTensor
+    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
+        """Locates the (first) placeholder and the end-of-text token in each row.
+
+        Args:
+            tokens: Token ids, ``[B, T]``.
+
+        Returns:
+            ``(placeholder_index, eot_index, found)``, each ``[B]``: the first column holding the first
+            placeholder's token, the first column holding the end-of-text token, and whether the
+            placeholder occurs. Where it does not, ``placeholder_index`` equals ``eot_index`` so that
+            callers fall back to the end-of-text position.
+        """
+        token_id = next(iter(self.string_to_token_dict.values()))
+        is_placeholder = tokens == token_id
+        eot_index = (tokens == self.eos_token_id).long().argmax(-1)
+        found = is_placeholder.any(-1)
+        placeholder_index = torch.where(found, is_placeholder.long().argmax(-1), eot_index)
+        return placeholder_index, eot_index, found
+
+    def save_authors_format(self, path: PathLike) -> None:
+        """Writes the embeddings in the format of the authors' ``embeddings.pt`` release files."""
+        torch.save(
+            {
+                "string_to_token": {
+                    placeholder: torch.tensor(token_id) for placeholder, token_id in self.string_to_token_dict.items()
+                },
+                "string_to_param": nn.ParameterDict(
+                    {
+                        placeholder: nn.Parameter(param.detach().cpu().clone())
+                        for placeholder, param in self.string_to_param_dict.items()
+                    }
+                ),
+            },
+            path,
+        )
+
+    def load_placeholder_vectors(self, vectors: Mapping[str, Tensor]) -> None:
+        """Copies ``{placeholder: [n, D] tensor}`` into the learnable vectors.
+
+        Typically fed by :func:`load_authors_embeddings`.
+        """
+        for placeholder, value in vectors.items():
+            if placeholder not in self.string_to_param_dict:
+                raise ValueError(
+                    f"placeholder {placeholder!r} is not managed here (known: {list(self.string_to_param_dict)})"
+                )
+            param = self.string_to_param_dict[placeholder]
+            if value.shape != param.shape:
+                raise ValueError(
+                    f"placeholder {placeholder!r}: loaded vectors have shape {tuple(value.shape)}, "
+                    f"expected {tuple(param.shape)}"
+                )
+            with torch.no_grad():
+                param.copy_(value)
+
+
+def load_authors_embeddings(path: PathLike) -> dict[str, Tensor]:
+    """Reads an embeddings file in the authors' format without unpickling arbitrary code.
+
+    The file is ``{"string_to_token": {...}, "string_to_param": ParameterDict}``; it is loaded with
+    ``weights_only=True``, allow-listing only ``nn.ParameterDict``.
+
+    Returns:
+        ``{placeholder: [n, D] tensor}`` on the CPU.
+
+    Raises:
+        ValueError: The file cannot be read safely or does not hold embeddings in that format.
+    """
+    try:
+        with torch.serialization.safe_globals(_AUTHORS_FORMAT_GLOBALS):
+            content = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+        raise ValueError(
+            f"{os.fspath(path)} cannot be loaded safely as an embeddings file ({type(error).__name__})"
+        ) from error
+    params = content.get("string_to_param") if isinstance(content, dict) else None
+    if not isinstance(params, (dict, nn.ParameterDict)) or not params or not all(
+        isinstance(name, str) and isinstance(value, Tensor) and value.ndim == 2 for name, value in params.items()
+    ):
+        raise ValueError(
+            f"{os.fspath(path)} is not an embeddings file: expected a dict whose 'string_to_param' "
+            f"maps placeholder strings to [n, D] tensors"
+        )
+    return {name: value.detach() for name, value in params.items()}
