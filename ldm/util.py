@@ -78,8 +78,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except pickle.UnpicklingError as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path}: refused to unpickle ({first_line})") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - bytes that are no pickle fail in arbitrary ways (IndexError, KeyError, ...)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint ({detail})") from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(content).__name__}")
     return content
@@ -112,6 +113,11 @@ def _is_vico_key(key: str) -> bool:
     return any(marker in key for marker in VICO_KEY_MARKERS)
 
 
+def is_base_key(key: str) -> bool:
+    """Whether a model key belongs to the frozen Stable Diffusion weights of a base checkpoint."""
+    return key.startswith(BASE_PREFIXES) and not _is_vico_key(key) and not _is_tolerated_extra(key)
+
+
 def check_state_dict(
     expected: Mapping[str, torch.Tensor],
     found: Mapping[str, torch.Tensor],
@@ -141,10 +147,7 @@ def load_base_checkpoint(model: nn.Module, path: str | Path) -> None:
     """
     found = read_state_dict(path)
     expected = model.state_dict()
-    required = [
-        k for k in expected if k.startswith(BASE_PREFIXES) and not _is_vico_key(k) and not _is_tolerated_extra(k)
-    ]
-    check_state_dict(expected, found, path, required)
+    check_state_dict(expected, found, path, [k for k in expected if is_base_key(k)])
     unexpected = [k for k in found if k not in expected and not _is_tolerated_extra(k)]
     if unexpected:
         logger.warning("%s: ignoring %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3])

@@ -113,10 +113,6 @@ def test_loss_is_eq7(tiny):
 
 
 # ------------------------------------------------------------------- checkpoints
-def base_state_dict(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if "image_cross_attention" not in k and "embedding_manager" not in k}
-
-
 def outputs(model) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     x, ref = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
@@ -131,7 +127,7 @@ def outputs(model) -> torch.Tensor:
 @pytest.mark.parametrize("suffix", [".ckpt", ".safetensors"])
 def test_tiny_checkpoint_round_trip(tiny, tmp_path, suffix):
     path = tmp_path / f"base{suffix}"
-    state = base_state_dict(tiny)
+    state = tiny.base_state_dict()
     state["model_ema.decay"] = torch.tensor(0.9999)  # tolerated extras of real files
     state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
     save_state_dict(state, path)
@@ -148,7 +144,7 @@ def test_tiny_checkpoint_round_trip(tiny, tmp_path, suffix):
 
 def test_missing_key_names_key_and_file(tiny, tmp_path):
     path = tmp_path / "broken.safetensors"
-    state = base_state_dict(tiny)
+    state = tiny.base_state_dict()
     del state["first_stage_model.decoder.conv_out.bias"]
     save_state_dict(state, path)
     with pytest.raises(CheckpointError) as err:
@@ -160,7 +156,7 @@ def test_missing_key_names_key_and_file(tiny, tmp_path):
 
 def test_shape_mismatch_names_key_and_file(tiny, tmp_path):
     path = tmp_path / "other.ckpt"
-    state = base_state_dict(tiny)
+    state = tiny.base_state_dict()
     state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(32, 9, 3, 3)
     save_state_dict(state, path)
     with pytest.raises(CheckpointError, match=r"other\.ckpt: key 'model\.diffusion_model\.input_blocks\.0\.0\.weight' has shape \[32, 9, 3, 3\]"):

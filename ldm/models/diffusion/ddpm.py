@@ -18,7 +18,7 @@ from torch import nn
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.vico import ReferenceCondition
-from ldm.util import instantiate_from_config, load_base_checkpoint
+from ldm.util import CheckpointError, check_state_dict, instantiate_from_config, is_base_key, load_base_checkpoint
 
 
 class DiffusionWrapper(nn.Module):
@@ -84,6 +84,11 @@ class LatentDiffusion(pl.LightningModule):
         self.learning_rate = 5e-3
         self.image_size = image_size
         self.channels = channels
+        self.seed = 0
+        self.run_config: dict[str, Any] | None = None
+        self.strict_loading = False  # training checkpoints hold only the trained weights
+        self.register_buffer("latent_mean", torch.empty(0), persistent=False)
+        self.register_buffer("latent_std", torch.empty(0), persistent=False)
         self.register_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s)
         if ckpt_path:
             self.load_base_checkpoint(ckpt_path)
@@ -154,6 +159,28 @@ class LatentDiffusion(pl.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return self.placeholder_parameters() + self.image_attention_parameters()
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The frozen Stable Diffusion weights in the CompVis layout (what a base checkpoint holds)."""
+        return {k: v.detach() for k, v in self.state_dict().items() if is_base_key(k)}
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """What ViCo learns, under the full model's key names: S* and the image attention.
+
+        This is all that training checkpoints and adapter exports hold; the frozen SD weights
+        come from the base checkpoint.
+        """
+        trained = {id(p) for p in self.trainable_parameters()}
+        return {name: p.detach() for name, p in self.named_parameters() if id(p) in trained}
+
+    def load_trained_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+        """Load S* and the image attention; every trained key must be there with its shape."""
+        expected = self.trained_state_dict()
+        check_state_dict(expected, state_dict, source, expected.keys())
+        unknown = sorted(set(state_dict) - set(expected))
+        if unknown:
+            raise CheckpointError(f"{source}: unexpected key '{unknown[0]}' for this model configuration")
+        self.load_state_dict(dict(state_dict), strict=False)
 
     # --------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -239,3 +266,83 @@ class LatentDiffusion(pl.LightningModule):
         )
         loss = loss_simple + self.reg_weight * loss_reg
         return loss, {"loss_simple": loss_simple.detach(), "loss_reg": loss_reg.detach(), "loss": loss.detach()}
+
+    # --------------------------------------------------------------- training
+    @torch.no_grad()
+    def cache_first_stage(self, images: torch.Tensor, with_flips: bool, chunk_size: int = 4) -> None:
+        """Encode every training photo (and its mirror image) once and keep the posteriors.
+
+        The VAE encoder costs more than a UNet pass at 512 px; with 4-7 photos encoding them
+        at every step is waste. Latents are then drawn from the cached mean and std exactly
+        as :meth:`get_first_stage_encoding` would draw them.
+
+        Args:
+            images: ``[N, 3, H, W]`` in [-1, 1].
+            with_flips: also cache the horizontally flipped photos.
+        """
+        variants = [images, images.flip(-1)] if with_flips else [images]
+        means, stds = [], []
+        for variant in variants:
+            posteriors = [self.encode_first_stage(chunk.to(self.device)) for chunk in variant.split(chunk_size)]
+            means.append(torch.cat([p.mean for p in posteriors]))
+            stds.append(torch.cat([p.std for p in posteriors]))
+        self.latent_mean = torch.stack(means, dim=1)
+        self.latent_std = torch.stack(stds, dim=1)
+
+    def cached_latent(self, image_index: torch.Tensor, flip: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """A scaled latent of cached photos ``image_index`` (mirrored where ``flip``)."""
+        variant = flip.long() if self.latent_mean.shape[1] > 1 else torch.zeros_like(image_index)
+        mean = self.latent_mean[image_index, variant]
+        std = self.latent_std[image_index, variant]
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.scale_factor * (mean + std * noise)
+
+    def on_train_start(self) -> None:
+        trainable = {id(p) for p in self.trainable_parameters()}
+        wrong = [n for n, p in self.named_parameters() if p.requires_grad != (id(p) in trainable)]
+        if wrong:
+            raise RuntimeError(f"only S* and the image attention may train; check {wrong[:3]}")
+        dataset = self.trainer.datamodule.train_dataset
+        self.cache_first_stage(dataset.pixels(), with_flips=dataset.flip_p > 0)
+
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """Randomness of one training step as a function of (seed, step, micro-batch, rank).
+
+        Timesteps, noise and latent samples then do not depend on how the run was split:
+        a resumed run draws what an uninterrupted one would have drawn.
+        """
+        micro_batch = batch_idx % self.trainer.accumulate_grad_batches
+        key = np.random.SeedSequence((self.seed, self.global_step, micro_batch, self.global_rank))
+        return torch.Generator(device=self.device).manual_seed(int(key.generate_state(1)[0]))
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = self.step_generator(batch_idx)
+        latent = self.cached_latent(batch["image_index"], batch["flip"], generator)
+        reference_latent = self.cached_latent(batch["reference_index"], batch["reference_flip"], generator)
+        tokens = self.tokenize(batch["caption"])
+        context = self.get_learned_conditioning(tokens)
+        t = torch.randint(0, self.num_timesteps, (latent.shape[0],), device=self.device, generator=generator)
+        noise = torch.randn(latent.shape, generator=generator, device=self.device, dtype=latent.dtype)
+        reference = self.reference_condition(reference_latent, context, tokens)
+        loss, logs = self.p_losses(latent, t, context, reference, noise=noise)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, batch_size=latent.shape[0])
+        self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=latent.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW with the paper's two learning rates: S* and the image attention."""
+        groups = [{"params": self.placeholder_parameters(), "lr": self.learning_rate}]
+        image_attention = self.image_attention_parameters()
+        if image_attention:
+            groups.append({"params": image_attention, "lr": self.image_attention_learning_rate})
+        return torch.optim.AdamW(groups)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only what was trained (and the run config): a few hundred MB, not 4 GB."""
+        checkpoint["state_dict"] = self.trained_state_dict()
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = self.trained_state_dict()
+        check_state_dict(expected, checkpoint["state_dict"], "checkpoint", expected.keys())

@@ -1,0 +1,189 @@
+"""The few-image concept dataset: every item is a photo, a reference photo and a caption.
+
+Items are a pure function of their index (and the seed): photo ``i % N`` in sorted order,
+a reference chosen at random among the *other* photos (paper, Appendix A), a random
+horizontal flip of each, and a Textual Inversion caption template. Together with
+:class:`ResumableSampler` this makes a run resumable to the exact same data stream, on any
+number of processes.
+
+The photos are decoded once at start-up (all of them: a bad file stops the run before
+training) and kept as ``uint8`` arrays; the model encodes them through the VAE once and
+caches the posteriors, so items carry indices, not pixels.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ldm.data.images import ImageError, list_images, load_image, to_tensor
+from ldm.util import instantiate_from_config
+
+# Textual Inversion's caption templates (imagenet_templates_small), the placeholder at {}.
+TEMPLATES = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+
+class PersonalizedBase(Dataset):
+    """Photos of one concept with reference photos and placeholder captions.
+
+    Args:
+        data_root: folder of photos (jpg, jpeg, png, webp, bmp; other files are ignored).
+        size: side of the square crops fed to the autoencoder.
+        repeats: nominal epoch length is ``repeats`` x the number of photos.
+        interpolation: resampling filter for resizing.
+        flip_p: probability of a horizontal flip of the photo and, independently, of the
+            reference (the original's default is 0).
+        placeholder_token: the string standing for S* in the captions.
+        seed: seed of the per-item choices.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        size: int = 512,
+        repeats: int = 100,
+        interpolation: str = "bicubic",
+        flip_p: float = 0.0,
+        placeholder_token: str = "*",
+        seed: int = 0,
+    ):
+        self.paths = list_images(data_root)
+        images, errors = [], []
+        for path in self.paths:
+            try:
+                images.append(load_image(path, size, interpolation))
+            except ImageError as err:
+                errors.append(f"{path.name} ({err})")
+        if errors:
+            raise ImageError(f"{len(errors)} unreadable image(s) in {data_root}: " + "; ".join(errors))
+        self.images = np.stack(images)
+        self.size = size
+        self.repeats = repeats
+        self.flip_p = flip_p
+        self.placeholder_token = placeholder_token
+        self.seed = seed
+
+    @property
+    def num_images(self) -> int:
+        return len(self.paths)
+
+    def __len__(self) -> int:
+        return self.num_images * self.repeats
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng = np.random.default_rng((self.seed, index))
+        image_index = index % self.num_images
+        others = [i for i in range(self.num_images) if i != image_index] or [image_index]
+        reference_index = others[rng.integers(len(others))]
+        return {
+            "caption": TEMPLATES[rng.integers(len(TEMPLATES))].format(self.placeholder_token),
+            "image_index": image_index,
+            "reference_index": reference_index,
+            "flip": bool(rng.random() < self.flip_p),
+            "reference_flip": bool(rng.random() < self.flip_p),
+        }
+
+    def pixels(self) -> torch.Tensor:
+        """All photos as ``[N, 3, size, size]`` floats in [-1, 1]."""
+        return to_tensor(self.images)
+
+
+class ResumableSampler(Sampler[int]):
+    """Item indices for the optimisation steps still to run, split across processes.
+
+    Batch ``b`` of process ``rank`` holds items ``(b * world_size + rank) * batch_size + j``.
+    Each iteration starts at the batch given by ``start_batch()`` (the trainer's progress) and
+    runs to ``total_batches``, so a resumed run (or any restart of the iteration) continues
+    exactly where training stands, whatever the loop's epoch bookkeeping does.
+    """
+
+    def __init__(
+        self,
+        total_batches: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_batch: Callable[[], int] = lambda: 0,
+    ):
+        self.total_batches = total_batches
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.start_batch = start_batch
+
+    def __len__(self) -> int:
+        return self.total_batches * self.batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        for batch in range(self.start_batch(), self.total_batches):
+            first = (batch * self.world_size + self.rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+
+
+class PersonalizedDataModule(pl.LightningDataModule):
+    """Builds the training set at construction (so bad data fails before anything else).
+
+    Args:
+        train: ``target``/``params`` config of the dataset.
+        batch_size: per process.
+        num_workers: data-loader workers.
+    """
+
+    def __init__(self, train: Mapping[str, Any], batch_size: int = 4, num_workers: int = 0):
+        super().__init__()
+        self.train_dataset: PersonalizedBase = instantiate_from_config(train)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        if trainer.max_steps is None or trainer.max_steps < 0:
+            raise ValueError("set lightning.trainer.max_steps: a ViCo run is measured in steps")
+        sampler = ResumableSampler(
+            total_batches=trainer.max_steps * accumulate,
+            batch_size=self.batch_size,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            start_batch=lambda: trainer.global_step * accumulate,
+        )
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+

@@ -1,0 +1,352 @@
+"""What the DDIM and PLMS samplers share: the DDIM schedule, the guided model call with
+ViCo's shared reference stream, and the sampling loop.
+
+The reference stream (the clean reference latents going through the frozen UNet beside the
+noisy samples) does not depend on the noisy samples, only on the references, the text
+context and the timestep. Every sample of a sampling batch shares the prompt and the
+references, so each step runs the reference stream once per *branch* (one group without
+classifier-free guidance, two with it: unconditional first, then conditional) instead of
+once per sample; see :class:`ldm.modules.vico.ReferenceCondition` for groups.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from ldm.modules.vico import AttentionRecord, ReferenceCondition
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplingReference:
+    """The reference images and the prompt shared by every sample of a sampling batch.
+
+    Attributes:
+        latents: clean, scaled latents of the K reference images, ``[K, C, h, w]``; several
+            references are concatenated as reference tokens (paper, Appendix C).
+        tokens: the prompt's token ids, ``[77]``; the placeholder (or, without one, the
+            end-of-text token) selects the attention map that gives the Otsu mask.
+    """
+
+    latents: Tensor
+    tokens: Tensor
+
+    def __post_init__(self) -> None:
+        if self.latents.ndim != 4:
+            raise ValueError(f"reference latents must be [K, C, h, w], got shape {list(self.latents.shape)}")
+        self.tokens = self.tokens.reshape(-1)
+
+    @property
+    def num_references(self) -> int:
+        return self.latents.shape[0]
+
+
+@torch.no_grad()
+def encode_references(model, images: Tensor) -> Tensor:
+    """Scaled latents of reference images ``[K, 3, H, W]`` in [-1, 1].
+
+    The posterior *mode* is used rather than a sample: the references are then fixed by the
+    images alone, and sampling consumes no random numbers for them.
+    """
+    images = images.to(device=model.device, dtype=next(model.first_stage_model.parameters()).dtype)
+    return model.scale_factor * model.encode_first_stage(images).mode()
+
+
+def make_sampling_reference(model, images: Tensor, prompt: str) -> SamplingReference:
+    """Encode reference images ``[K, 3, H, W]`` (in [-1, 1]) and tokenize ``prompt``."""
+    return SamplingReference(latents=encode_references(model, images), tokens=model.tokenize([prompt])[0])
+
+
+def make_ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
+    """CompVis's uniform DDIM timesteps: ``arange(0, T, T // num_steps) + 1``.
+
+    As in CompVis the count is ``ceil(T / (T // num_steps))``, which can exceed
+    ``num_steps`` (7 asks for 8 steps with T = 1000). Step counts whose last timestep
+    would be ``T`` (out of the schedule; e.g. 3 or 1000) are refused.
+    """
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"the number of sampling steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    stride = num_train_timesteps // num_steps
+    steps = np.arange(0, num_train_timesteps, stride) + 1
+    if steps[-1] >= num_train_timesteps:
+        raise ValueError(
+            f"{num_steps} sampling steps do not fit CompVis's uniform schedule (its last timestep "
+            f"would be {steps[-1]}, beyond {num_train_timesteps - 1}); choose another step count"
+        )
+    return steps
+
+
+@dataclass
+class DDIMSchedule:
+    """Per-step scalars of DDIM (CompVis ``make_ddim_sampling_parameters``), on the device.
+
+    Index ``i`` is a DDIM step in increasing time: ``timesteps[i]`` with ``alphas[i]`` the
+    cumulative alpha there and ``alphas_prev[i]`` the one of the step below (``alphas_cumprod[0]``
+    for the first). Sampling runs from the last index down to 0. All tensors are precomputed
+    once, so a step costs no host-device synchronisation.
+    """
+
+    timesteps: Tensor
+    alphas: Tensor
+    alphas_prev: Tensor
+    sigmas: Tensor
+    sqrt_one_minus_alphas: Tensor
+    eta: float
+
+    @classmethod
+    def from_model(cls, model, num_steps: int, eta: float, device: torch.device) -> DDIMSchedule:
+        alphas_cumprod = model.alphas_cumprod.detach().cpu().double().numpy()
+        steps = make_ddim_timesteps(num_steps, len(alphas_cumprod))
+        alphas = alphas_cumprod[steps]
+        alphas_prev = np.concatenate([alphas_cumprod[:1], alphas_cumprod[steps[:-1]]])
+        sigmas = eta * np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+
+        def to_device(values: np.ndarray) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
+
+        return cls(
+            timesteps=torch.tensor(steps, dtype=torch.long, device=device),
+            alphas=to_device(alphas),
+            alphas_prev=to_device(alphas_prev),
+            sigmas=to_device(sigmas),
+            sqrt_one_minus_alphas=to_device(np.sqrt(1 - alphas)),
+            eta=float(eta),
+        )
+
+    def __len__(self) -> int:
+        return self.timesteps.shape[0]
+
+    def step(
+        self, x: Tensor, eps: Tensor, index: int, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One DDIM update from step ``index`` to the one below; returns ``(x_prev, pred_x0)``."""
+        a_t, a_prev, sigma = self.alphas[index], self.alphas_prev[index], self.sigmas[index]
+        pred_x0 = (x - self.sqrt_one_minus_alphas[index] * eps) / a_t.sqrt()
+        x_prev = a_prev.sqrt() * pred_x0 + (1.0 - a_prev - sigma**2).sqrt() * eps
+        if self.eta > 0:
+            x_prev = x_prev + sigma * randn(x.shape, generator, x.device, x.dtype)
+        return x_prev, pred_x0
+
+
+def randn(
+    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """Gaussian noise drawn on the generator's device, then moved: a CPU generator gives the
+    same numbers whatever device the samples live on."""
+    source = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
+
+
+def _batch_rows(context: Tensor, batch_size: int, name: str) -> Tensor:
+    if context.shape[0] == 1:
+        return context.expand(batch_size, *context.shape[1:])
+    if context.shape[0] != batch_size:
+        raise ValueError(f"{name} has {context.shape[0]} rows; expected 1 or the batch size {batch_size}")
+    return context
+
+
+class GuidedDenoiser:
+    """The model call of one sampling step: classifier-free guidance plus the shared reference.
+
+    Without guidance (``unconditional_conditioning`` is ``None`` or the scale is 1) the UNet
+    sees the batch once with ``conditioning``. With it, it sees ``cat([x, x])`` with
+    ``cat([uc, c])`` and the result is ``e_u + scale * (e_c - e_u)``. With a reference, one
+    :class:`ReferenceCondition` serves the whole batch: one group of K reference rows per
+    branch, whose context is the branch's (prompt or unconditional) row; as in the authors'
+    code the unconditional branch sees the reference too, and in both branches the mask comes
+    from the map of the prompt's placeholder.
+
+    Every row of ``conditioning`` must encode the prompt of ``reference.tokens`` (a single row
+    is broadcast to the batch); the reference stream uses the first row.
+    """
+
+    def __init__(
+        self,
+        model,
+        conditioning: Tensor,
+        batch_size: int,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Tensor | None = None,
+        reference: SamplingReference | None = None,
+    ):
+        self.model = model
+        self.scale = float(unconditional_guidance_scale)
+        self.guided = unconditional_conditioning is not None and self.scale != 1.0
+        cond = _batch_rows(conditioning, batch_size, "conditioning")
+        branches = [cond]
+        if self.guided:
+            branches.insert(0, _batch_rows(unconditional_conditioning, batch_size, "unconditional_conditioning"))
+        self.context = torch.cat(branches)
+        self.references_per_group = 0
+        if reference is not None:
+            self._prepare_reference(reference, [branch[:1] for branch in branches])
+
+    def _prepare_reference(self, reference: SamplingReference, branch_rows: list[Tensor]) -> None:
+        k = reference.num_references
+        device = self.context.device
+        tokens = reference.tokens.to(device).view(1, -1)
+        placeholder_index, eot_index, found = self.model.embedding_manager.placeholder_positions(tokens)
+        if not bool(found.item()):
+            logger.warning(
+                "the prompt has no placeholder token: the reference mask falls back to the end-of-text attention map"
+            )
+        rows = k * len(branch_rows)
+        self.references_per_group = k
+        self.reference_latent = reference.latents.to(device).repeat(len(branch_rows), 1, 1, 1)
+        self.reference_context = torch.cat([row.expand(k, *row.shape[1:]) for row in branch_rows])
+        self.placeholder_index = placeholder_index.repeat(rows)
+        self.eot_index = eot_index.repeat(rows)
+
+    def reference_condition(self, t: Tensor, record_attention: bool = False) -> ReferenceCondition | None:
+        """The shared reference condition of a step at timestep ``t`` (0-dim tensor)."""
+        if not self.references_per_group:
+            return None
+        return ReferenceCondition(
+            latent=self.reference_latent,
+            context=self.reference_context,
+            placeholder_index=self.placeholder_index,
+            eot_index=self.eot_index,
+            timesteps=t.expand(self.reference_latent.shape[0]),
+            references_per_group=self.references_per_group,
+            record_attention=record_attention,
+        )
+
+    def model_output(self, x: Tensor, t: Tensor, records: list[AttentionRecord] | None = None) -> Tensor:
+        """The raw UNet output for every branch, ``[branches * B, ...]`` (unconditional first).
+
+        Args:
+            x: noisy latents ``[B, C, h, w]``.
+            t: the step's timestep, a 0-dim tensor.
+            records: when given, the conditional branch's attention records are appended
+                (one row per reference).
+        """
+        branches = 2 if self.guided else 1
+        x_in = torch.cat([x] * branches)
+        reference = self.reference_condition(t, record_attention=records is not None)
+        output = self.model.apply_model(x_in, t.expand(x_in.shape[0]), self.context, reference)
+        if records is not None and reference is not None:
+            k = self.references_per_group
+            records.extend(
+                AttentionRecord(r.layer, r.placeholder_map[-k:], r.mask[-k:], r.height, r.width)
+                for r in reference.attention_records
+            )
+        return output
+
+    def __call__(self, x: Tensor, t: Tensor, records: list[AttentionRecord] | None = None) -> Tensor:
+        """The (guided) noise prediction for ``x`` at timestep ``t``."""
+        output = self.model_output(x, t, records)
+        if not self.guided:
+            return output
+        eps_uncond, eps_cond = output.chunk(2)
+        return eps_uncond + self.scale * (eps_cond - eps_uncond)
+
+
+@dataclass
+class SamplingRun:
+    """State of one :meth:`ScheduledSampler.sample` call, passed to each update."""
+
+    schedule: DDIMSchedule
+    denoiser: GuidedDenoiser
+    generator: torch.Generator | None
+    previous_eps: list[Tensor] = field(default_factory=list)
+
+
+class ScheduledSampler(ABC):
+    """Base of the DDIM and PLMS samplers: argument checks, initial noise and the loop.
+
+    Subclasses implement :meth:`update`, one step from DDIM index ``index`` down.
+    """
+
+    name = "sampler"
+
+    def __init__(self, model):
+        self.model = model
+
+    def check_eta(self, eta: float) -> None:
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}")
+
+    @abstractmethod
+    def update(
+        self, x: Tensor, index: int, run: SamplingRun, records: list[AttentionRecord] | None
+    ) -> tuple[Tensor, Tensor]:
+        """One step from DDIM index ``index`` down; returns ``(x_prev, pred_x0)``."""
+
+    @torch.no_grad()
+    def sample(
+        self,
+        S: int,
+        batch_size: int,
+        shape: tuple[int, int, int],
+        conditioning: Tensor,
+        reference: SamplingReference | None = None,
+        unconditional_guidance_scale: float = 1.0,
+        unconditional_conditioning: Tensor | None = None,
+        eta: float = 0.0,
+        x_T: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        verbose: bool = True,
+        callback: Callable[[int], None] | None = None,
+        record_attention: Collection[int] = (),
+        log_every_t: int = 100,
+    ) -> tuple[Tensor, dict]:
+        """Sample ``batch_size`` latents of ``shape`` = ``(C, h, w)`` (CompVis call).
+
+        Args:
+            S: number of DDIM steps (uniform CompVis schedule, see :func:`make_ddim_timesteps`).
+            conditioning: text context, 1 or ``batch_size`` rows of the same prompt.
+            reference: the shared reference images and prompt tokens; ``None`` samples plain SD.
+            unconditional_guidance_scale, unconditional_conditioning: classifier-free guidance.
+            eta: DDIM stochasticity (0 = deterministic DDIM).
+            x_T: starting noise; drawn from ``generator`` otherwise.
+            generator: source of every random number of the call (initial and DDIM noise).
+            verbose: show a tqdm progress bar.
+            callback: called with the step number after every step.
+            record_attention: step numbers (0 = the first, noisiest step) whose attention
+                records are collected in ``intermediates["attention"][step]``.
+            log_every_t: keep ``x`` and ``pred_x0`` every that many steps (and at the last).
+
+        Returns:
+            ``(samples, intermediates)`` with ``intermediates`` holding ``x_inter``,
+            ``pred_x0`` and ``attention``.
+        """
+        self.check_eta(eta)
+        device = self.model.device
+        schedule = DDIMSchedule.from_model(self.model, S, eta, device)
+        total = len(schedule)
+        record_steps = set(record_attention)
+        outside = sorted(i for i in record_steps if not 0 <= i < total)
+        if outside:
+            raise ValueError(f"record_attention steps {outside} are outside 0..{total - 1}")
+        size = (batch_size, *shape)
+        if x_T is None:
+            x = randn(size, generator, device, torch.float32)
+        elif tuple(x_T.shape) != size:
+            raise ValueError(f"x_T has shape {list(x_T.shape)}, expected {list(size)}")
+        else:
+            x = x_T.to(device)
+        denoiser = GuidedDenoiser(
+            self.model, conditioning, batch_size, unconditional_guidance_scale, unconditional_conditioning, reference
+        )
+        run = SamplingRun(schedule, denoiser, generator)
+        intermediates: dict = {"x_inter": [x], "pred_x0": [x], "attention": {}}
+        logger.debug("%s: %d steps", self.name, total)
+        for i in tqdm(range(total), desc=self.name, total=total, disable=not verbose):
+            records: list[AttentionRecord] | None = [] if i in record_steps else None
+            x, pred_x0 = self.update(x, total - 1 - i, run, records)
+            if records is not None:
+                intermediates["attention"][i] = records
+            if i % log_every_t == 0 or i == total - 1:
+                intermediates["x_inter"].append(x)
+                intermediates["pred_x0"].append(pred_x0)
+            if callback is not None:
+                callback(i)
+        return x, intermediates

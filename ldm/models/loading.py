@@ -1,0 +1,273 @@
+"""Turn a ViCo file into a ready model: the one loader of sample.py, evaluation and exports.
+
+Three formats hold what ViCo learns (S* and the image-attention blocks):
+
+* a **training checkpoint** ``.ckpt`` written by main.py: ``state_dict`` holds only the keys
+  of :meth:`LatentDiffusion.trained_state_dict` and ``config`` the whole run config (a plain
+  nested dict) whose ``model.params.ckpt_path`` names the base SD checkpoint;
+* an **adapter export** ``.safetensors`` (:func:`save_adapter`): the same tensors, with the
+  run config as YAML in the metadata (``format: vico-adapter``);
+* the **authors' release pair** ``cross_attention-<step>.pt`` (image attention, keys without
+  the leading ``model.``) and ``embeddings_gs-<step>.pt`` (S*). Either file finds its sibling
+  of the same step in its folder; both may also be given explicitly, in any order and under
+  any names. Their config defaults to ``configs/vico.yaml``.
+
+Every mistake a user can make raises a one-line :class:`CheckpointError` or ``ValueError``
+naming the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.modules.embedding_manager import load_authors_embeddings
+from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "vico.yaml"
+ADAPTER_FORMAT = "vico-adapter"
+_ENCODER_CH_MULT = (1, 2, 4, 8)  # the Encoder's default when a config leaves ch_mult out
+PLACEHOLDER_PREFIX = "embedding_manager.string_to_param_dict."
+_AUTHORS_NAME = re.compile(r"^(cross_attention|embeddings_gs)-(\d+)\.pt$")
+_AUTHORS_SIBLING = {"cross_attention": "embeddings_gs", "embeddings_gs": "cross_attention"}
+_FORMATS_HELP = (
+    "expected a training checkpoint (.ckpt with a 'state_dict'), an adapter export (.safetensors) "
+    "or the authors' cross_attention-<step>.pt / embeddings_gs-<step>.pt pair"
+)
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class ViCoWeights:
+    """What a ViCo file holds: the trained tensors (model key names) and, if stored, the config."""
+
+    state_dict: dict[str, torch.Tensor]
+    config: DictConfig | None
+    source: str
+
+
+# ------------------------------------------------------------------- reading
+def read_vico_weights(ckpt: PathLike | Sequence[PathLike]) -> ViCoWeights:
+    """Read one ViCo file, or the two files of the authors' pair, in any of the three formats."""
+    paths = [Path(ckpt)] if isinstance(ckpt, (str, os.PathLike)) else [Path(p) for p in ckpt]
+    if not 1 <= len(paths) <= 2:
+        raise ValueError(f"expected one ViCo checkpoint or the authors' pair of two files, got {len(paths)} paths")
+    for path in paths:
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint not found: {path}")
+    if len(paths) == 2:
+        return _read_authors_pair(*_order_pair(paths))
+    path = paths[0]
+    if path.suffix == ".safetensors":
+        return _read_adapter(path)
+    authors = _AUTHORS_NAME.match(path.name)
+    if authors:
+        role, step = authors.groups()
+        sibling = path.with_name(f"{_AUTHORS_SIBLING[role]}-{step}.pt")
+        if not sibling.is_file():
+            raise CheckpointError(
+                f"{path}: the other file of the authors' pair, {sibling.name}, is not in {path.parent}; "
+                f"pass both files"
+            )
+        pair = (path, sibling) if role == "cross_attention" else (sibling, path)
+        return _read_authors_pair(*pair)
+    return _read_training_checkpoint(path)
+
+
+def _read_training_checkpoint(path: Path) -> ViCoWeights:
+    content = read_checkpoint(path)
+    state_dict = content.get("state_dict")
+    if not isinstance(state_dict, dict):
+        if content and all(isinstance(v, torch.Tensor) and ".image_cross_attention." in k for k, v in content.items()):
+            raise CheckpointError(
+                f"{path}: holds only image-attention weights (the authors' cross_attention file?); "
+                f"pass its embeddings file too"
+            )
+        raise CheckpointError(f"{path}: not a ViCo checkpoint; {_FORMATS_HELP}")
+    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{path}: its 'state_dict' does not hold only tensors")
+    if not any(".image_cross_attention." in k or k.startswith("embedding_manager.") for k in state_dict):
+        raise CheckpointError(
+            f"{path}: holds no ViCo weights (a base Stable Diffusion checkpoint? pass that as --base_ckpt); "
+            f"{_FORMATS_HELP}"
+        )
+    config = content.get("config")
+    if config is not None and not isinstance(config, Mapping):
+        raise CheckpointError(f"{path}: its 'config' is a {type(config).__name__}, expected a nested dict")
+    return ViCoWeights(dict(state_dict), OmegaConf.create(dict(config)) if config is not None else None, str(path))
+
+
+def _read_adapter(path: Path) -> ViCoWeights:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if metadata.get("format") != ADAPTER_FORMAT:
+        raise CheckpointError(f"{path}: not a ViCo adapter (no 'format: {ADAPTER_FORMAT}' metadata); {_FORMATS_HELP}")
+    config = None
+    if "config" in metadata:
+        try:
+            config = OmegaConf.create(metadata["config"])
+        except (OmegaConfBaseException, ValueError) as err:
+            raise CheckpointError(f"{path}: its config metadata is not valid YAML ({type(err).__name__})") from None
+    return ViCoWeights(state_dict, config, str(path))
+
+
+def _order_pair(paths: Sequence[Path]) -> tuple[Path, Path]:
+    """``(cross_attention, embeddings)``: by name when the names say so, else by content."""
+    roles = [_AUTHORS_NAME.match(p.name) for p in paths]
+    if all(roles) and {r.group(1) for r in roles} == set(_AUTHORS_SIBLING):
+        first, second = paths
+        return (first, second) if roles[0].group(1) == "cross_attention" else (second, first)
+    embeddings = []
+    for path in paths:
+        try:
+            load_authors_embeddings(path)
+        except Exception:  # noqa: BLE001 - any failure means "not the embeddings file of the pair"
+            continue
+        embeddings.append(path)
+    if len(embeddings) != 1:
+        raise CheckpointError(
+            f"{paths[0]}, {paths[1]}: two files must be the authors' pair, exactly one of them an "
+            f"embeddings file (found {len(embeddings)})"
+        )
+    other = paths[1] if embeddings[0] == paths[0] else paths[0]
+    return other, embeddings[0]
+
+
+def _read_authors_pair(cross_attention: Path, embeddings: Path) -> ViCoWeights:
+    source = f"{cross_attention} + {embeddings.name}"
+    tensors = read_checkpoint(cross_attention)
+    state_dict: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not isinstance(value, torch.Tensor) or ".image_cross_attention." not in key:
+            raise CheckpointError(f"{cross_attention}: key '{key}' is not an image-attention tensor; {_FORMATS_HELP}")
+        state_dict[key if key.startswith("model.") else f"model.{key}"] = value
+    try:
+        vectors = load_authors_embeddings(embeddings)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    state_dict.update({PLACEHOLDER_PREFIX + name: value for name, value in vectors.items()})
+    return ViCoWeights(state_dict, None, source)
+
+
+# -------------------------------------------------------------------- config
+def resolve_config(weights: ViCoWeights, config: PathLike | None = None) -> DictConfig:
+    """Explicit ``config`` file > the config stored with the weights > ``configs/vico.yaml``."""
+    if config is not None:
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"config not found: {path}")
+        resolved = OmegaConf.load(path)
+    elif weights.config is not None:
+        resolved = weights.config
+    else:
+        resolved = OmegaConf.load(DEFAULT_CONFIG)
+    if "model" not in resolved or "target" not in resolved.model:
+        raise ValueError(f"config of {weights.source} has no model.target to build")
+    return resolved
+
+
+def autoencoder_factor(config: DictConfig) -> int:
+    """Pixels per latent cell of the first stage (8 for SD v1, 4 for the tiny config)."""
+    try:
+        ddconfig = config.model.params.first_stage_config.params.ddconfig
+    except (AttributeError, OmegaConfBaseException):
+        raise ValueError("config has no model.params.first_stage_config.params.ddconfig") from None
+    return 2 ** (len(ddconfig.get("ch_mult", _ENCODER_CH_MULT)) - 1)
+
+
+def base_checkpoint_path(config: DictConfig, base_ckpt: PathLike | None, source: str) -> Path:
+    """``base_ckpt`` if given, else the ``model.params.ckpt_path`` of the config; it must exist."""
+    recorded = config.model.get("params", {}).get("ckpt_path")
+    if base_ckpt is None and not recorded:
+        raise ValueError(
+            f"{source}: its config names no base Stable Diffusion checkpoint (model.params.ckpt_path); "
+            f"pass --base_ckpt"
+        )
+    path = Path(base_ckpt if base_ckpt is not None else recorded)
+    if not path.is_file():
+        origin = "--base_ckpt" if base_ckpt is not None else f"model.params.ckpt_path of {source}"
+        raise CheckpointError(f"base checkpoint not found: {path} (from {origin})")
+    return path
+
+
+# ------------------------------------------------------------------ building
+def build_vico_model(
+    weights: ViCoWeights, config: DictConfig, base_ckpt: PathLike | None = None, device: str | torch.device = "cpu"
+) -> LatentDiffusion:
+    """Instantiate the model of ``config`` on ``device``, then load the base and the trained weights."""
+    base = base_checkpoint_path(config, base_ckpt, weights.source)
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    model_config.setdefault("params", {}).pop("ckpt_path", None)
+    with torch.device(device):
+        model = instantiate_from_config(model_config)
+    if not isinstance(model, LatentDiffusion):
+        raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusion")
+    model.load_base_checkpoint(str(base))
+    model.load_trained_state_dict(weights.state_dict, weights.source)
+    logger.info("loaded %s on base %s", weights.source, base)
+    return model.eval().to(device)
+
+
+def load_vico_model(
+    ckpt: PathLike | Sequence[PathLike],
+    config: PathLike | None = None,
+    base_ckpt: PathLike | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[LatentDiffusion, DictConfig]:
+    """A ready (eval-mode) ViCo model from any of the three formats, and the config it used.
+
+    Args:
+        ckpt: a training checkpoint, an adapter export, one file of the authors' pair (its
+            sibling is found by step) or both files of the pair.
+        config: a config file overriding the one stored with the weights.
+        base_ckpt: the base SD checkpoint, overriding ``model.params.ckpt_path`` of the config.
+        device: where the model is built and lives.
+
+    Raises:
+        CheckpointError, ValueError: one-line messages naming the file at fault.
+    """
+    weights = read_vico_weights(ckpt)
+    resolved = resolve_config(weights, config)
+    return build_vico_model(weights, resolved, base_ckpt, device), resolved
+
+
+# ----------------------------------------------------------------- exporting
+def save_adapter(model: LatentDiffusion, config: DictConfig | Mapping[str, Any], path: PathLike) -> None:
+    """Write the adapter export (trained tensors + the run config as YAML) atomically.
+
+    The file is written under a temporary name in the destination folder and renamed over
+    ``path``, so readers never see a partial file.
+    """
+    path = Path(path)
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.trained_state_dict().items()}
+    config = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
+    metadata = {"config": OmegaConf.to_yaml(config), "format": ADAPTER_FORMAT}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
