@@ -1,14 +1,18 @@
-"""configs/ablations: each override merges over its base config and builds the intended model."""
+"""configs/ablations: each override merges over its base config, builds the intended model and trains."""
 from __future__ import annotations
 
+import csv
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import main
 from ldm.modules.attention import SpatialTransformer
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, read_checkpoint
+from tests.test_training import setup as setup_training_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ROOT / "configs" / "ablations"
@@ -30,6 +34,11 @@ EXPECTED: dict[str, tuple[tuple[int, ...], tuple[int, ...], str, float]] = {
 LAYER_ABLATIONS = ("encoder-layers", "decoder-layers", "both-layers")
 #: Which UNet part each layer ablation patches.
 PLACES = {"encoder-layers": {"encoder"}, "decoder-layers": {"decoder"}, "both-layers": {"encoder", "decoder"}}
+#: Channels of the tiny config's attention layers (model_channels 32, channel_mult [1, 2]):
+#: encoder 0 (32) and 1 (64), middle 2 (64), decoder 3-4 (64) and 5-6 (32).
+TINY_WIDTHS = {0: 32, 1: 64, 2: 64, 3: 64, 4: 64, 5: 32, 6: 32}
+#: S* is one vector of the tiny text encoder's width (hidden_size 32, num_vectors_per_token 1).
+TINY_PLACEHOLDER_SIZE = 32
 
 
 def ablation_file(name: str, tiny: bool) -> Path:
@@ -124,3 +133,31 @@ def test_full_size_layer_files_do_not_fit_the_tiny_layout() -> None:
     )
     with pytest.raises(ValueError, match="do not exist"):
         instantiate_from_config(config.model)
+
+
+def image_attention_size(width: int) -> int:
+    """Parameters of one image-attention block, a BasicTransformerBlock of ``width`` channels.
+
+    Two attentions (q, k, v without bias and the output with bias: ``4 w^2 + w`` each), the
+    gated feed-forward (``w -> 8w`` and ``4w -> w`` with biases: ``12 w^2 + 9 w``) and three
+    LayerNorms (``6 w``).
+    """
+    return 20 * width**2 + 17 * width
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_tiny_ablation_trains_one_step(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(main.RUN_TIME_VARIABLE, raising=False)
+    _, layers, _, _ = EXPECTED[name]
+    tiny = str(ROOT / "configs" / "vico-tiny.yaml")
+    # setup passes its own --base first; argparse keeps the last one, the tiny config then the ablation.
+    run = setup_training_run(tmp_path, "--base", tiny, str(ablation_file(name, tiny=True)), steps=1)
+    main.train(run)
+    (metrics,) = run.logdir.glob("metrics/*/metrics.csv")
+    with open(metrics, newline="") as handle:
+        losses = [float(row["train/loss"]) for row in csv.DictReader(handle) if row["train/loss"]]
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    expected = TINY_PLACEHOLDER_SIZE + sum(image_attention_size(TINY_WIDTHS[layer]) for layer in layers)
+    assert sum(p.numel() for p in run.model.parameters() if p.requires_grad) == expected
+    saved = read_checkpoint(run.logdir / "checkpoints" / "last.ckpt")["state_dict"]
+    assert sum(v.numel() for v in saved.values()) == expected
