@@ -51,12 +51,13 @@ from ldm.data.images import ImageError, load_image, to_tensor
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling import SamplingReference, encode_references, make_ddim_timesteps
+from ldm.models.diffusion.sampling import encode_references, make_ddim_timesteps, sample_prompt
 from ldm.models.loading import (
     ViCoWeights,
     autoencoder_factor,
     base_checkpoint_path,
     build_vico_model,
+    default_image_size,
     read_vico_weights,
     resolve_config,
 )
@@ -74,13 +75,15 @@ class UsageError(ValueError):
     """A mistake in the command line; reported as one ``error:`` line."""
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own: usage plus a line, exit 2
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes become :class:`UsageError` (one ``error:`` line)."""
+
+    def error(self, message: str) -> None:
         raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Sample images of a learned concept S* with ViCo.")
+    parser = OneLineErrorParser(description="Sample images of a learned concept S* with ViCo.")
     parser.add_argument(
         "--ckpt", action="append", required=True,
         help="training checkpoint (.ckpt), adapter export (.safetensors), or the authors' "
@@ -170,7 +173,7 @@ def prepare(args: argparse.Namespace) -> Job:
     weights = read_vico_weights(args.ckpt)
     config = resolve_config(weights, args.config)
     factor = autoencoder_factor(config)
-    default_size = int(config.model.params.get("image_size", 64)) * factor
+    default_size = default_image_size(config)
     height = args.H or default_size
     width = args.W or (args.H or default_size)
     for flag, value in (("--H", height), ("--W", width)):
@@ -288,27 +291,25 @@ def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None
     progress = tqdm(total=len(job.prompts) * args.n_iter, desc="Sampling", unit="batch")
     with progress, torch.no_grad(), precision_context(args.precision, job.device):
         reference_latents = encode_references(model, to_tensor(job.references))
-        unconditional = model.get_learned_conditioning([""]) if args.scale != 1.0 else None
         for prompt, slug in zip(job.prompts, unique_slugs(job.prompts)):
             generator.manual_seed(args.seed)
-            tokens = model.tokenize([prompt])
-            conditioning = model.get_learned_conditioning(tokens)
-            reference = SamplingReference(reference_latents, tokens[0])
             rows: list[list[np.ndarray | None]] = []
             for iteration in range(args.n_iter):
-                latents, intermediates = sampler.sample(
-                    S=args.ddim_steps,
-                    batch_size=args.n_samples,
-                    shape=latent_shape,
-                    conditioning=conditioning,
-                    reference=reference,
-                    unconditional_guidance_scale=args.scale,
-                    unconditional_conditioning=unconditional,
-                    eta=args.ddim_eta,
+                decoded, intermediates = sample_prompt(
+                    model,
+                    sampler,
+                    prompt,
+                    reference_latents,
+                    n_samples=args.n_samples,
+                    latent_shape=latent_shape,
+                    steps=args.ddim_steps,
+                    scale=args.scale,
                     generator=generator,
+                    eta=args.ddim_eta,
                     record_attention=record_steps if iteration == 0 else (),
+                    verbose=True,
                 )
-                images = to_uint8(model.decode_first_stage(latents))
+                images = to_uint8(decoded)
                 for image in images:
                     save_png(image, sample_dir / f"{count:05d}.png")
                     count += 1

@@ -11,7 +11,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.sampling import SamplingReference
+from ldm.models.diffusion.sampling import sample_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -57,21 +57,18 @@ class ImageLogger(pl.Callback):
         """The reference (as the VAE sees it) followed by guided samples of ``caption``."""
         generator = torch.Generator(device=model.device).manual_seed(seed)
         reference_latent = model.cached_latent(reference_index, reference_flip, generator)
-        tokens = model.tokenize([caption])
-        context = model.get_learned_conditioning(tokens)
-        unconditional = model.get_learned_conditioning([""]) if self.guidance_scale != 1.0 else None
-        samples, _ = DDIMSampler(model).sample(
-            self.ddim_steps,
-            self.max_images,
-            tuple(reference_latent.shape[1:]),
-            context,
-            reference=SamplingReference(reference_latent, tokens[0]),
-            unconditional_guidance_scale=self.guidance_scale,
-            unconditional_conditioning=unconditional,
+        samples, _ = sample_prompt(
+            model,
+            DDIMSampler(model),
+            caption,
+            reference_latent,
+            n_samples=self.max_images,
+            latent_shape=tuple(reference_latent.shape[1:]),
+            steps=self.ddim_steps,
+            scale=self.guidance_scale,
             generator=generator,
-            verbose=False,
         )
-        return torch.cat([model.decode_first_stage(reference_latent), model.decode_first_stage(samples)])
+        return torch.cat([model.decode_first_stage(reference_latent), samples])
 
 
 class _eval_mode:

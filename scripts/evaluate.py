@@ -74,16 +74,17 @@ from ldm.evaluation import (  # noqa: E402
     score_concept,
 )
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.sampling import SamplingReference, encode_references, make_ddim_timesteps  # noqa: E402
+from ldm.models.diffusion.sampling import encode_references, make_ddim_timesteps, sample_prompt  # noqa: E402
 from ldm.models.loading import (  # noqa: E402
     autoencoder_factor,
     base_checkpoint_path,
+    default_image_size,
     load_vico_model,
     read_vico_weights,
     resolve_config,
 )
 from ldm.util import CheckpointError  # noqa: E402
-from sample import UsageError, _Parser, make_grid, parse_device, save_png, to_uint8  # noqa: E402
+from sample import OneLineErrorParser, UsageError, make_grid, parse_device, save_png, to_uint8  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -102,7 +103,7 @@ T_CLIP_TEXTS = {False: "prompt without the placeholder", True: "placeholder repl
 
 # ------------------------------------------------------------------ arguments
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(description="Generate the paper's evaluation images and compute I_DINO, I_CLIP, T_CLIP.")
+    parser = OneLineErrorParser(description="Generate the paper's evaluation images and compute I_DINO, I_CLIP, T_CLIP.")
     parser.add_argument(
         "--concept", action="append", required=True, metavar="name=...,ckpt=...,data=...[,ref=...]",
         help="a concept to evaluate (repeatable); fields: name, ckpt, data, optional ref, live, class_word",
@@ -239,7 +240,7 @@ def prepare_concept(spec: ConceptSpec, args: argparse.Namespace, prompt_lists: P
         )
     make_ddim_timesteps(args.ddim_steps, int(config.model.params.get("timesteps", 1000)))
     factor = autoencoder_factor(config)
-    size = int(config.model.params.get("image_size", 64)) * factor
+    size = default_image_size(config)
     real = list_images(spec.data)
     for photo in real:  # decoded now: a broken photo would otherwise only show when scoring, after generating
         load_image(photo)
@@ -334,22 +335,20 @@ def generate_concept(job: ConceptJob, device: torch.device, progress: tqdm) -> N
     progress.set_postfix_str(job.spec.name)
     with torch.no_grad():
         reference_latents = encode_references(model, to_tensor(np.stack([job.reference])))
-        unconditional = model.get_learned_conditioning([""])
         for prompt_index, sample_indices in missing.items():
             generator.manual_seed(prompt_seed(settings.seed, job.spec.name, prompt_index))
-            tokens = model.tokenize([job.prompts[prompt_index]])
-            latents, _ = sampler.sample(
-                S=settings.ddim_steps,
-                batch_size=job.n_samples,
-                shape=latent_shape,
-                conditioning=model.get_learned_conditioning(tokens),
-                reference=SamplingReference(reference_latents, tokens[0]),
-                unconditional_guidance_scale=settings.scale,
-                unconditional_conditioning=unconditional,
+            decoded, _ = sample_prompt(
+                model,
+                sampler,
+                job.prompts[prompt_index],
+                reference_latents,
+                n_samples=job.n_samples,
+                latent_shape=latent_shape,
+                steps=settings.ddim_steps,
+                scale=settings.scale,
                 generator=generator,
-                verbose=False,
             )
-            images = to_uint8(model.decode_first_stage(latents))
+            images = to_uint8(decoded)
             for sample_index in sample_indices:
                 save_png_atomically(images[sample_index], job.sample_path(prompt_index, sample_index))
             progress.update()

@@ -195,6 +195,11 @@ def autoencoder_factor(config: DictConfig) -> int:
     return 2 ** (len(ddconfig.get("ch_mult", _ENCODER_CH_MULT)) - 1)
 
 
+def default_image_size(config: DictConfig) -> int:
+    """Pixel side the model was trained at: latent size x autoencoder factor (512 for SD v1)."""
+    return int(config.model.params.get("image_size", 64)) * autoencoder_factor(config)
+
+
 def base_checkpoint_path(config: DictConfig, base_ckpt: PathLike | None, source: str) -> Path:
     """``base_ckpt`` if given, else the ``model.params.ckpt_path`` of the config; it must exist."""
     recorded = config.model.get("params", {}).get("ckpt_path")

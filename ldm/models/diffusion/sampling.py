@@ -65,6 +65,44 @@ def make_sampling_reference(model, images: Tensor, prompt: str) -> SamplingRefer
     return SamplingReference(latents=encode_references(model, images), tokens=model.tokenize([prompt])[0])
 
 
+@torch.no_grad()
+def sample_prompt(
+    model,
+    sampler: ScheduledSampler,
+    prompt: str,
+    reference_latents: Tensor,
+    n_samples: int,
+    latent_shape: tuple[int, int, int],
+    steps: int,
+    scale: float,
+    generator: torch.Generator | None,
+    eta: float = 0.0,
+    record_attention: Collection[int] = (),
+    verbose: bool = False,
+) -> tuple[Tensor, dict]:
+    """Sample ``n_samples`` images of one prompt with shared references.
+
+    Returns:
+        The decoded images ``[n_samples, 3, H, W]`` in [-1, 1] and the sampler's
+        intermediates (attention records of ``record_attention`` steps included).
+    """
+    tokens = model.tokenize([prompt])
+    latents, intermediates = sampler.sample(
+        S=steps,
+        batch_size=n_samples,
+        shape=latent_shape,
+        conditioning=model.get_learned_conditioning(tokens),
+        reference=SamplingReference(reference_latents, tokens[0]),
+        unconditional_guidance_scale=scale,
+        unconditional_conditioning=model.get_learned_conditioning([""]) if scale != 1.0 else None,
+        eta=eta,
+        generator=generator,
+        verbose=verbose,
+        record_attention=record_attention,
+    )
+    return model.decode_first_stage(latents), intermediates
+
+
 def make_ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
     """CompVis's uniform DDIM timesteps: ``arange(0, T, T // num_steps) + 1``.
 
