@@ -220,7 +220,7 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if not model_config.params.get("ckpt_path"):
         fill_zero_initialised_weights(model)
-        base = (logdir / "checkpoints" / "random-base.safetensors").resolve()
+        base = (logdir / "random-base.safetensors").resolve()
         if is_rank_zero:
             base.parent.mkdir(parents=True, exist_ok=True)
             save_state_dict(model.base_state_dict(), base)
@@ -247,6 +247,10 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
 
 
 def train(run: Run) -> None:
+    # The frozen SD modules are in eval mode on purpose.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # ResumableSampler continues from the trainer's step, so mid-epoch resumes are exact.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     os.environ[RUN_TIME_VARIABLE] = run.started
     try:
         run.trainer.fit(run.model, datamodule=run.data, ckpt_path=run.checkpoint)
@@ -259,10 +263,6 @@ def train(run: Run) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # The frozen SD modules are in eval mode on purpose.
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-    # ResumableSampler continues from the trainer's step, so mid-epoch resumes are exact.
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     opt, overrides = get_parser().parse_known_args(argv)
     if not opt.train:
         print("error: nothing to do; pass -t to train (sampling is sample.py)", file=sys.stderr)

@@ -115,7 +115,7 @@ def main_check() -> None:
     precisions = (("32", "full"), ("bf16-mixed", "autocast")) if on_gpu else (("32", "full"),)
     for precision, sample_precision in precisions:
         trained = train(args.config, work / "logs", precision, args.steps, base)
-        base = Path(trained["logdir"]) / "checkpoints" / "random-base.safetensors" if base is None else base
+        base = Path(trained["logdir"]) / "random-base.safetensors" if base is None else base
         trained["sample"] = sample_once(Path(trained["logdir"]) / "checkpoints" / "last.ckpt", work / f"samples-{precision}", sample_precision)
         results[f"train_{precision}"] = trained
         print(json.dumps({precision: trained}, indent=1), flush=True)

@@ -48,7 +48,7 @@ def images(outdir: Path) -> list[np.ndarray]:
 
 def test_sample_from_every_format_of_a_trained_run(trained, tmp_path):
     config = str(ROOT / "configs" / "vico-tiny.yaml")
-    base = str(trained / "random-base.safetensors")
+    base = str(trained.parent / "random-base.safetensors")
     formats = {
         "last.ckpt": (("last.ckpt",), ()),
         "adapter": (("adapter.safetensors",), ()),
