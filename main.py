@@ -123,6 +123,9 @@ def check_config(config: DictConfig) -> None:
             raise CheckpointError(f"base checkpoint not found: {base}")
     elif not config.get("random_base", False):
         raise UsageError("no base model: pass --actual_resume <sd-v1-x.ckpt or .safetensors>")
+    max_steps = OmegaConf.select(config, "lightning.trainer.max_steps", default=None)
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise UsageError(f"lightning.trainer.max_steps must be a positive number of steps, got {max_steps}")
     tokenizer = CLIPTokenizer()
     words = OmegaConf.select(config, "model.params.personalization_config.params.initializer_words") or []
     for word in words:

@@ -197,3 +197,10 @@ def test_arbitrary_pickles_are_refused(tmp_path):
     torch.save({"state_dict": {"w": torch.ones(1)}, "payload": Path("x")}, path)
     with pytest.raises(CheckpointError, match="refused to unpickle"):
         read_state_dict(path)
+
+
+def test_pre_zipfile_ckpt_loads(tmp_path):
+    """Files in torch's legacy (pre-1.6) format cannot be memory-mapped; they still load."""
+    path = tmp_path / "legacy.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(read_state_dict(path)["w"], torch.arange(3.0))

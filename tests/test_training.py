@@ -224,6 +224,7 @@ def test_bad_inputs_exit_with_one_line(tmp_path, capsys):
         "not found": [*common, "--data_root", str(tmp_path / "missing")],
         "base checkpoint not found": [*common, "--actual_resume", str(tmp_path / "sd-v1-4.ckpt")],
         "'teddy bear' is 2 CLIP tokens": [*common, "--init_word", "teddy bear"],
+        "max_steps must be a positive number": [*common, "lightning.trainer.max_steps=-1"],
     }
     for expected, argv in cases.items():
         code, err = run_main(capsys, *argv)

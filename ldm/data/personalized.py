@@ -155,6 +155,8 @@ class ResumableSampler(Sampler[int]):
 class PersonalizedDataModule(pl.LightningDataModule):
     """Builds the training set at construction (so bad data fails before anything else).
 
+    The trainer must set ``max_steps``: the sampler covers exactly the steps still to run.
+
     Args:
         train: ``target``/``params`` config of the dataset.
         batch_size: per process.
@@ -170,8 +172,6 @@ class PersonalizedDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
-        if trainer.max_steps is None or trainer.max_steps < 0:
-            raise ValueError("set lightning.trainer.max_steps: a ViCo run is measured in steps")
         sampler = ResumableSampler(
             total_batches=trainer.max_steps * accumulate,
             batch_size=self.batch_size,
