@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 
 import main
-from ldm.data.images import to_tensor
 from ldm.data.personalized import PersonalizedBase, ResumableSampler
 from ldm.util import read_checkpoint
 
@@ -173,11 +172,13 @@ def test_odd_image_forms_load(tmp_path):
     make_odd_images(tmp_path)
     dataset = PersonalizedBase(str(tmp_path), size=32)
     assert dataset.num_images == 8 and dataset.images.shape == (8, 32, 32, 3)
-    exif_index = [p.name for p in dataset.paths].index("exif.jpg")
     assert dataset.images.dtype == np.uint8
-    sixteen = dataset.images[[p.name for p in dataset.paths].index("sixteen.png")]
+    names = [p.name for p in dataset.paths]
+    assert "notes.txt" not in names
+    sixteen = dataset.images[names.index("sixteen.png")]
     assert 0 < sixteen.mean() < 255  # scaled to 8 bits, not clipped to white
-    assert exif_index >= 0
+    rgba = dataset.images[names.index("rgba.png")]
+    assert rgba.shape == (32, 32, 3)
 
 
 def test_exif_orientation_is_applied(tmp_path):
