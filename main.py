@@ -29,6 +29,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from ldm.data.images import ImageError
 from ldm.models.loading import save_adapter
+from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
 from ldm.util import CheckpointError, instantiate_from_config, save_state_dict
 
@@ -129,9 +130,10 @@ def check_config(config: DictConfig) -> None:
     tokenizer = CLIPTokenizer()
     words = OmegaConf.select(config, "model.params.personalization_config.params.initializer_words") or []
     for word in words:
-        ids = tokenizer.encode(word)
-        if len(ids) != 1:
-            raise UsageError(f"--init_word '{word}' is {len(ids)} CLIP tokens; choose a word that is a single token")
+        try:
+            single_token_id(tokenizer, word, "--init_word", "choose a word that is a single token")
+        except ValueError as err:
+            raise UsageError(str(err)) from None
 
 
 def learning_rate(config: DictConfig, opt: argparse.Namespace, devices: list[int] | int) -> float:

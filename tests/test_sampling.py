@@ -53,12 +53,6 @@ def build_tiny(config, seed: int = 0):
     return model.eval()
 
 
-def base_state_dict(model) -> dict[str, torch.Tensor]:
-    return {
-        k: v for k, v in model.state_dict().items() if "image_cross_attention" not in k and "embedding_manager" not in k
-    }
-
-
 @pytest.fixture(scope="module")
 def tiny():
     return build_tiny(tiny_config())
@@ -69,7 +63,7 @@ def files(tiny, tmp_path_factory):
     """The tiny model's base weights and its trained weights in the three ViCo formats."""
     folder = tmp_path_factory.mktemp("vico")
     base = folder / "base.safetensors"
-    save_state_dict(base_state_dict(tiny), base)
+    save_state_dict(tiny.base_state_dict(), base)
     config = tiny_config()
     config.model.params.ckpt_path = str(base)
     training = folder / "last.ckpt"

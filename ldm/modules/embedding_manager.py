@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ldm.modules.encoders.modules import FrozenCLIPEmbedder
+from ldm.modules.encoders.modules import CLIPTokenizer, FrozenCLIPEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -19,9 +19,9 @@ _AUTHORS_FORMAT_GLOBALS = [nn.ParameterDict]
 PathLike = str | os.PathLike[str]
 
 
-def _single_token(embedder: FrozenCLIPEmbedder, text: str, role: str, advice: str) -> int:
+def single_token_id(tokenizer: CLIPTokenizer, text: str, role: str, advice: str) -> int:
     """Returns the id of ``text``, which must tokenize to exactly one CLIP token."""
-    ids = embedder.tokenizer.encode(text)
+    ids = tokenizer.encode(text)
     if len(ids) != 1:
         raise ValueError(f"{role} {text!r} is {len(ids)} CLIP tokens ({ids}); {advice}")
     return ids[0]
@@ -66,13 +66,13 @@ class EmbeddingManager(nn.Module):
 
         table = embedder.token_embedding.weight
         for index, placeholder in enumerate(placeholder_strings):
-            token_id = _single_token(
-                embedder, placeholder, "placeholder string", "choose a string that is a single token"
+            token_id = single_token_id(
+                embedder.tokenizer, placeholder, "placeholder string", "choose a string that is a single token"
             )
             if index < len(initializer_words):
                 word = initializer_words[index]
-                init_id = _single_token(
-                    embedder, word, "initializer word", "choose a word that is a single token"
+                init_id = single_token_id(
+                    embedder.tokenizer, word, "initializer word", "choose a word that is a single token"
                 )
                 initial = table[init_id].detach().repeat(num_vectors_per_token, 1)
             else:
