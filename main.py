@@ -31,7 +31,7 @@ from ldm.data.images import ImageError
 from ldm.models.loading import save_adapter
 from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
-from ldm.util import CheckpointError, instantiate_from_config, save_state_dict
+from ldm.util import CheckpointError, check_stored_config, instantiate_from_config, save_state_dict
 
 logger = logging.getLogger("main")
 
@@ -102,6 +102,8 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resumed_configs: 
     if bad_overrides:
         raise UsageError(f"unknown argument '{bad_overrides[0]}' (overrides look like model.params.reg_weight=0)")
     configs = [OmegaConf.load(p) for p in [*resumed_configs, *opt.base]]
+    for path, stored in zip(resumed_configs, configs):
+        check_stored_config(stored, path)  # a run folder may come from someone else
     config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
     params = config.model.params
     if opt.actual_resume is not None:
@@ -167,7 +169,7 @@ def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
     for name, callback_config in lightning.get("callbacks", {}).items():
         params = dict(callback_config.get("params") or {})
         if callback_config["target"].startswith("ldm.callbacks."):
-            params.setdefault("logdir", str(logdir))
+            params["logdir"] = str(logdir)
         logger.info("callback %s: %s", name, callback_config["target"])
         callbacks.append(instantiate_from_config({"target": callback_config["target"], "params": params}))
     return callbacks

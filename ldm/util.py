@@ -4,12 +4,15 @@ from __future__ import annotations
 import importlib
 import logging
 import pickle
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -35,11 +38,86 @@ def get_obj_from_str(string: str) -> Any:
 
 
 def instantiate_from_config(config: Mapping[str, Any], **kwargs: Any) -> Any:
-    """Build ``config["target"](**config["params"], **kwargs)`` (CompVis convention)."""
+    """Build ``config["target"](**config["params"], **kwargs)`` (CompVis convention).
+
+    This imports and calls whatever ``target`` names: a config is code. Configs that arrive
+    inside files (checkpoints, adapters, run folders) go through :func:`check_stored_config`
+    first.
+    """
     if "target" not in config:
         raise KeyError(f"config has no 'target' to instantiate: {dict(config)}")
     params = dict(config.get("params") or {})
     return get_obj_from_str(config["target"])(**params, **kwargs)
+
+
+class UntrustedConfigError(CheckpointError):
+    """A config stored in a file names something outside the allow-list of buildable classes."""
+
+
+#: Classes outside ``ldm`` that a stored config may name (Lightning loggers and callbacks).
+TRUSTED_EXTERNAL_TARGETS = frozenset(
+    {
+        "pytorch_lightning.loggers.CSVLogger",
+        "pytorch_lightning.loggers.TensorBoardLogger",
+        "pytorch_lightning.loggers.WandbLogger",
+        "pytorch_lightning.callbacks.ModelCheckpoint",
+        "pytorch_lightning.callbacks.LearningRateMonitor",
+    }
+)
+_PROJECT_TARGET = re.compile(r"^ldm(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def is_trusted_target(target: Any) -> bool:
+    """Whether a stored config may build ``target``: a class defined in the ``ldm`` package
+    (not a function, not a name ``ldm`` merely imports) or one of :data:`TRUSTED_EXTERNAL_TARGETS`.
+
+    Nothing outside ``ldm`` is imported to decide.
+    """
+    if not isinstance(target, str):
+        return False
+    if target in TRUSTED_EXTERNAL_TARGETS:
+        return True
+    if not _PROJECT_TARGET.match(target):
+        return False
+    try:
+        obj = get_obj_from_str(target)
+    except (ImportError, AttributeError, ValueError):
+        return False
+    return isinstance(obj, type) and obj.__module__.split(".")[0] == "ldm"
+
+
+def _config_targets(node: Any) -> Iterable[Any]:
+    if isinstance(node, Mapping):
+        if "target" in node:
+            yield node["target"]
+        for value in node.values():
+            yield from _config_targets(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            yield from _config_targets(value)
+
+
+def check_stored_config(config: Any, source: str | Path) -> None:
+    """Refuse a config read from a file the user did not write unless every ``target`` is trusted.
+
+    A YAML passed with ``--base`` (or ``--config``) is code, as in CompVis, and is not checked.
+    A config stored in a checkpoint, an adapter export or a shared run folder is data: each
+    ``target`` anywhere in it (interpolations resolved) must pass :func:`is_trusted_target`.
+
+    Raises:
+        UntrustedConfigError: one line naming the file and the refused target.
+    """
+    if isinstance(config, (DictConfig, ListConfig)):
+        try:
+            config = OmegaConf.to_container(config, resolve=True)
+        except OmegaConfBaseException as err:
+            raise UntrustedConfigError(f"{source}: its stored config does not resolve ({type(err).__name__})") from None
+    for target in _config_targets(config):
+        if not is_trusted_target(target):
+            raise UntrustedConfigError(
+                f"{source}: refusing to build {target!r} from a stored config; only the project's own "
+                f"classes (ldm.*) are built from files (pass a config you trust with --config or --base)"
+            )
 
 
 class _LightningCallbackKey:

@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.embedding_manager import load_authors_embeddings
-from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint
+from ldm.util import CheckpointError, check_stored_config, instantiate_from_config, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -171,13 +171,18 @@ def _read_authors_pair(cross_attention: Path, embeddings: Path) -> ViCoWeights:
 
 # -------------------------------------------------------------------- config
 def resolve_config(weights: ViCoWeights, config: PathLike | None = None) -> DictConfig:
-    """Explicit ``config`` file > the config stored with the weights > ``configs/vico.yaml``."""
+    """Explicit ``config`` file > the config stored with the weights > ``configs/vico.yaml``.
+
+    A config stored with the weights came from someone else: it may only name the project's
+    own classes (:func:`ldm.util.check_stored_config`).
+    """
     if config is not None:
         path = Path(config)
         if not path.is_file():
             raise ValueError(f"config not found: {path}")
         resolved = OmegaConf.load(path)
     elif weights.config is not None:
+        check_stored_config(weights.config, weights.source)
         resolved = weights.config
     else:
         resolved = OmegaConf.load(DEFAULT_CONFIG)
