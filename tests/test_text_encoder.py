@@ -1,3 +1,4 @@
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -208,3 +209,86 @@ def test_multiple_vectors_with_two_placeholders(tiny_embedder: FrozenCLIPEmbedde
     assert torch.equal(expanded[0, 3], plain[0, 2])
     assert torch.equal(expanded[0, 4:6], star)
     assert torch.equal(expanded[0, 6:], plain[0, 4:-2])
+
+
+@pytest.mark.parametrize(
+    ("prompts", "placeholders", "expected"),
+    [
+        (["a photo of *", "* toy", "no placeholder"], ["*"], ([4, 1, 4], [7, 5, 4])),
+        (["@ and *"], ["*", "@"], ([5], [8])),  # the "@" before "*" shifts both
+    ],
+)
+def test_positions_with_several_vectors_are_those_after_expansion(
+    tiny_embedder: FrozenCLIPEmbedder, prompts: list[str], placeholders: list[str], expected
+) -> None:
+    """The end-of-text index lands on end-of-text, the placeholder index on the first S* vector."""
+    manager = EmbeddingManager(tiny_embedder, placeholders, None, num_vectors_per_token=3)
+    tokens = tiny_embedder.tokenize(prompts)
+    placeholder_index, eot_index, found = manager.placeholder_positions(tokens)
+    assert (placeholder_index.tolist(), eot_index.tolist()) == expected
+    expanded = manager(tokens, tiny_embedder.token_embedding(tokens))
+    rows = torch.arange(len(prompts))
+    eos = tiny_embedder.token_embedding.weight[EOS]
+    assert all(torch.equal(vector, eos) for vector in expanded[rows, eot_index])
+    star = manager.string_to_param_dict["*"][0]
+    assert all(torch.equal(expanded[row, placeholder_index[row]], star) for row in rows[found])
+
+
+def test_positions_pushed_out_of_the_row_are_clamped(tiny_embedder: FrozenCLIPEmbedder) -> None:
+    manager = EmbeddingManager(tiny_embedder, ["*"], None, num_vectors_per_token=4)
+    tokens = tiny_embedder.tokenize(["* " * 30])
+    placeholder_index, eot_index, _ = manager.placeholder_positions(tokens)
+    assert placeholder_index.tolist() == [1] and eot_index.tolist() == [76]
+
+
+def write_torch_1_10_embeddings(path: Path, vectors: torch.Tensor) -> None:
+    """An ``embeddings_gs-*.pt`` as the authors' torch 1.10 wrote it.
+
+    torch 1.10 pickled ``nn.ParameterDict`` with a state holding the entries in ``_parameters``
+    and an ``_initialized`` flag, and no ``_keys``; the state is set here by hand.
+    """
+    params = torch.nn.ParameterDict()
+    params.__dict__.clear()
+    params.__dict__.update(
+        {
+            "training": True,
+            "_parameters": OrderedDict([("*", torch.nn.Parameter(vectors))]),
+            "_buffers": OrderedDict(),
+            "_non_persistent_buffers_set": set(),
+            "_backward_hooks": OrderedDict(),
+            "_is_full_backward_hook": None,
+            "_forward_hooks": OrderedDict(),
+            "_forward_pre_hooks": OrderedDict(),
+            "_state_dict_hooks": OrderedDict(),
+            "_load_state_dict_pre_hooks": OrderedDict(),
+            "_modules": OrderedDict(),
+            "_initialized": True,
+        }
+    )
+    torch.save({"string_to_token": {"*": torch.tensor(STAR)}, "string_to_param": params}, path)
+
+
+def test_torch_1_10_embeddings_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "embeddings_gs-399.pt"
+    vectors = torch.randn(1, 32)
+    write_torch_1_10_embeddings(path, vectors)
+    with torch.serialization.safe_globals([torch.nn.ParameterDict]):  # what torch 2 itself makes of it
+        as_module = torch.load(path, weights_only=True)["string_to_param"]
+    with pytest.raises(AttributeError, match="_keys"):
+        dict(as_module.items())
+    loaded = load_authors_embeddings(path)
+    assert list(loaded) == ["*"] and torch.equal(loaded["*"], vectors)
+
+
+def test_unreadable_embeddings_files_are_one_line_errors(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.pt"
+    write_torch_1_10_embeddings(truncated, torch.randn(1, 32))
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    malformed = tmp_path / "malformed.pt"
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(torch.zeros(1, 32))})
+    params.__dict__["_parameters"] = [1, 2]
+    torch.save({"string_to_param": params}, malformed)
+    for path in (truncated, malformed):
+        with pytest.raises(ValueError) as caught:
+            load_authors_embeddings(path)
+        assert path.name in str(caught.value) and "\n" not in str(caught.value)

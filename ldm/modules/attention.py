@@ -183,7 +183,7 @@ class SpatialTransformer(nn.Module):
         if image_attention_mask not in MASK_MODES:
             raise ValueError(f"image_attention_mask must be one of {MASK_MODES}, got '{image_attention_mask}'")
         inner_dim = n_heads * d_head
-        self.norm = normalization(in_channels)
+        self.norm = normalization(in_channels, eps=1e-6)
         self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             [

@@ -2,7 +2,6 @@
 
 import logging
 import os
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 
 import torch
@@ -12,11 +11,34 @@ from ldm.modules.encoders.modules import CLIPTokenizer, FrozenCLIPEmbedder
 
 logger = logging.getLogger(__name__)
 
-# The only non-default class the authors' embeddings files pickle: the ParameterDict module itself
-# (its Parameters and OrderedDicts are already allowed by ``weights_only`` loading).
-_AUTHORS_FORMAT_GLOBALS = [nn.ParameterDict]
-
 PathLike = str | os.PathLike[str]
+
+
+class _PickledParameterDict:
+    """Receives a pickled ``nn.ParameterDict`` while reading an embeddings file.
+
+    What torch pickles for a ParameterDict depends on the version that wrote it: torch 1.10 (the
+    authors' release files) keeps the entries only in ``_parameters`` (beside ``_initialized``);
+    torch >= 1.12 also lists the keys in ``_keys``, and reads the entries through it, so a newer
+    torch cannot use an old file as a ParameterDict. This stand-in only keeps the pickled state
+    and reads both layouts; it is the one class besides tensors and plain containers that
+    loading allows.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+    def entries(self) -> dict[object, object]:
+        """The entries, in ``_keys`` order when the file has one (empty if the state is malformed)."""
+        state = getattr(self, "state", None)
+        parameters = state.get("_parameters") if isinstance(state, dict) else None
+        if not isinstance(parameters, Mapping):
+            return {}
+        keys = state.get("_keys")
+        return {key: parameters.get(key) for key in (keys if isinstance(keys, Mapping) else parameters)}
+
+
+_AUTHORS_FORMAT_GLOBALS = [(_PickledParameterDict, "torch.nn.modules.container.ParameterDict")]
 
 
 def single_token_id(tokenizer: CLIPTokenizer, text: str, role: str, advice: str) -> int:
@@ -127,23 +149,39 @@ class EmbeddingManager(nn.Module):
     def placeholder_positions(
         self, tokens: torch.LongTensor
     ) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
-        """Locates the (first) placeholder and the end-of-text token in each row.
+        """Locates the (first) placeholder and the end-of-text token in each row of the text context.
+
+        Positions are those of the embeddings :meth:`forward` returns: with several vectors per
+        token every placeholder occurrence before a token shifts it right, so the end-of-text
+        index is taken after that expansion and the placeholder index is that of its first vector
+        (both clamped to the last position should the expansion push them out of the row).
 
         Args:
             tokens: Token ids, ``[B, T]``.
 
         Returns:
-            ``(placeholder_index, eot_index, found)``, each ``[B]``: the first column holding the first
-            placeholder's token, the first column holding the end-of-text token, and whether the
-            placeholder occurs. Where it does not, ``placeholder_index`` equals ``eot_index`` so that
-            callers fall back to the end-of-text position.
+            ``(placeholder_index, eot_index, found)``, each ``[B]``: the column of the first
+            placeholder's first occurrence, the column of the first end-of-text token, and whether
+            the placeholder occurs. Where it does not, ``placeholder_index`` equals ``eot_index`` so
+            that callers fall back to the end-of-text position.
         """
         token_id = next(iter(self.string_to_token_dict.values()))
         is_placeholder = tokens == token_id
-        eot_index = (tokens == self.eos_token_id).long().argmax(-1)
         found = is_placeholder.any(-1)
-        placeholder_index = torch.where(found, is_placeholder.long().argmax(-1), eot_index)
+        column = self._expanded_columns(tokens).clamp(max=tokens.shape[1] - 1)
+        eot_column = (tokens == self.eos_token_id).long().argmax(-1, keepdim=True)
+        eot_index = column.gather(-1, eot_column).squeeze(-1)
+        placeholder_column = is_placeholder.long().argmax(-1, keepdim=True)
+        placeholder_index = torch.where(found, column.gather(-1, placeholder_column).squeeze(-1), eot_index)
         return placeholder_index, eot_index, found
+
+    def _expanded_columns(self, tokens: torch.LongTensor) -> torch.LongTensor:
+        """``[B, T]``: the column each token occupies once every placeholder has expanded."""
+        placeholder_ids = torch.tensor(list(self.string_to_token_dict.values()), device=tokens.device)
+        is_placeholder = torch.isin(tokens, placeholder_ids).long()
+        placeholders_before = is_placeholder.cumsum(-1) - is_placeholder
+        columns = torch.arange(tokens.shape[1], device=tokens.device)
+        return columns + (self.num_vectors_per_token - 1) * placeholders_before
 
     def save_authors_format(self, path: PathLike) -> None:
         """Writes the embeddings in the format of the authors' ``embeddings.pt`` release files."""
@@ -183,26 +221,31 @@ class EmbeddingManager(nn.Module):
 
 
 def load_authors_embeddings(path: PathLike) -> dict[str, Tensor]:
-    """Reads an embeddings file in the authors' format without unpickling arbitrary code.
+    """Reads an embeddings file in the authors' (Textual Inversion) format without unpickling code.
 
-    The file is ``{"string_to_token": {...}, "string_to_param": ParameterDict}``; it is loaded with
-    ``weights_only=True``, allow-listing only ``nn.ParameterDict``.
+    The file is ``{"string_to_token": {...}, "string_to_param": <placeholder -> [n, D]>}`` where
+    ``string_to_param`` is a pickled ``nn.ParameterDict`` (the authors' ``embeddings_gs-*.pt``,
+    written by torch 1.10 or by a newer torch) or a plain dict of tensors. It is loaded with
+    ``weights_only=True``; the only class allowed beyond that is a stand-in for the ParameterDict.
 
     Returns:
         ``{placeholder: [n, D] tensor}`` on the CPU.
 
     Raises:
-        ValueError: The file cannot be read safely or does not hold embeddings in that format.
+        ValueError: One line naming the file when it cannot be read safely or does not hold
+            embeddings in that format.
     """
     try:
         with torch.serialization.safe_globals(_AUTHORS_FORMAT_GLOBALS):
             content = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as error:
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types; each means "unreadable"
         raise ValueError(
             f"{os.fspath(path)} cannot be loaded safely as an embeddings file ({type(error).__name__})"
         ) from error
     params = content.get("string_to_param") if isinstance(content, dict) else None
-    if not isinstance(params, (dict, nn.ParameterDict)) or not params or not all(
+    if isinstance(params, _PickledParameterDict):
+        params = params.entries()
+    if not isinstance(params, dict) or not params or not all(
         isinstance(name, str) and isinstance(value, Tensor) and value.ndim == 2 for name, value in params.items()
     ):
         raise ValueError(

@@ -63,8 +63,10 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> nn.Module:
-    return GroupNorm32(32, channels)
+def normalization(channels: int, eps: float = 1e-5) -> nn.Module:
+    """GroupNorm over 32 groups, in float32. CompVis uses eps 1e-5 in the ResBlocks and the
+    output layer and 1e-6 in ``SpatialTransformer.norm``; the pretrained weights expect each."""
+    return GroupNorm32(32, channels, eps=eps)
 
 
 def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
