@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -50,18 +51,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path, size: int | tuple[int, int] | None = None, interpolation: str = "bicubic") -> np.ndarray:
-    """Read a photo as ``uint8 [H, W, 3]``: EXIF-rotated, RGB, centre-cropped and resized.
+ResizeMode = Literal["squash", "crop"]
+RESIZE_MODES: tuple[str, ...] = ("squash", "crop")
+
+
+def load_image(
+    path: str | Path,
+    size: int | tuple[int, int] | None = None,
+    interpolation: str = "bicubic",
+    resize_mode: ResizeMode = "crop",
+) -> np.ndarray:
+    """Read a photo as ``uint8 [H, W, 3]``: EXIF-rotated, RGB and resized.
 
     Args:
         path: the file.
         size: output side (square) or ``(height, width)``; ``None`` keeps the image as it is.
-            The crop keeps the centre at the output aspect ratio.
         interpolation: resampling filter name.
+        resize_mode: ``"crop"`` keeps the aspect ratio, cropping the centre to the output's;
+            ``"squash"`` resizes the whole photo to the output size, distorting a photo of
+            another aspect ratio (what the authors' code does with training photos).
 
     Raises:
         ImageError: the file is missing or does not decode.
+        ValueError: an unknown ``resize_mode`` or ``interpolation``.
     """
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got '{resize_mode}'")
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {tuple(INTERPOLATIONS)}, got '{interpolation}'")
     path = Path(path)
     try:
         with Image.open(path) as image:
@@ -72,7 +89,11 @@ def load_image(path: str | Path, size: int | tuple[int, int] | None = None, inte
         raise ImageError(f"cannot read image {path}: {err}") from None
     if size is not None:
         height, width = (size, size) if isinstance(size, int) else size
-        image = ImageOps.fit(image, (width, height), method=INTERPOLATIONS[interpolation])
+        method = INTERPOLATIONS[interpolation]
+        if resize_mode == "crop":
+            image = ImageOps.fit(image, (width, height), method=method)
+        else:
+            image = image.resize((width, height), resample=method)
     return np.asarray(image, dtype=np.uint8)
 
 

@@ -20,11 +20,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ldm.data.images import ImageError, list_images, load_image, to_tensor
+from ldm.data.images import ImageError, ResizeMode, list_images, load_image, to_tensor
 from ldm.util import instantiate_from_config
 
-# Textual Inversion's caption templates (imagenet_templates_small), the placeholder at {}.
-TEMPLATES = (
+# Textual Inversion's caption templates (``imagenet_templates_small`` of its first, LDM version),
+# the placeholder at {}.
+SHORT_TEMPLATES = (
     "a photo of a {}",
     "a rendering of a {}",
     "a cropped photo of the {}",
@@ -55,17 +56,36 @@ TEMPLATES = (
 )
 
 
+def _recaptioned(prefix: str) -> tuple[str, ...]:
+    """The short list with each caption that starts with "a photo of " starting with ``prefix``."""
+    photo = "a photo of "
+    return tuple(prefix + t.removeprefix(photo) if t.startswith(photo) else t for t in SHORT_TEMPLATES)
+
+
+# The authors' list (Textual Inversion's Stable Diffusion version, which they forked): the short
+# list, then again as "an illustration of" and "a depiction of" captions; 81 entries, 30 of
+# them illustrations or depictions.
+VICO_TEMPLATES = SHORT_TEMPLATES + _recaptioned("an illustration of ") + _recaptioned("a depiction of ")
+
+CAPTION_TEMPLATES: dict[str, tuple[str, ...]] = {"vico": VICO_TEMPLATES, "short": SHORT_TEMPLATES}
+
+
 class PersonalizedBase(Dataset):
     """Photos of one concept with reference photos and placeholder captions.
 
     Args:
         data_root: folder of photos (jpg, jpeg, png, webp, bmp; other files are ignored).
-        size: side of the square crops fed to the autoencoder.
+        size: side of the square images fed to the autoencoder.
         repeats: nominal epoch length is ``repeats`` x the number of photos.
         interpolation: resampling filter for resizing.
+        resize_mode: ``"squash"`` resizes the whole photo to ``size`` x ``size`` (the authors'
+            code; a non-square photo is distorted); ``"crop"`` keeps the aspect ratio and crops
+            the centre square.
         flip_p: probability of a horizontal flip of the photo and, independently, of the
             reference (the original's default is 0).
         placeholder_token: the string standing for S* in the captions.
+        caption_templates: ``"vico"``, the authors' 81 captions, or ``"short"``, the 27
+            "photo"/"rendering"/"rendition" captions of the first Textual Inversion.
         seed: seed of the per-item choices.
     """
 
@@ -78,12 +98,17 @@ class PersonalizedBase(Dataset):
         flip_p: float = 0.0,
         placeholder_token: str = "*",
         seed: int = 0,
+        resize_mode: ResizeMode = "squash",
+        caption_templates: str = "vico",
     ):
+        if caption_templates not in CAPTION_TEMPLATES:
+            raise ValueError(f"caption_templates must be one of {tuple(CAPTION_TEMPLATES)}, got '{caption_templates}'")
+        self.templates = CAPTION_TEMPLATES[caption_templates]
         self.paths = list_images(data_root)
         images, errors = [], []
         for path in self.paths:
             try:
-                images.append(load_image(path, size, interpolation))
+                images.append(load_image(path, size, interpolation, resize_mode))
             except ImageError as err:
                 errors.append(f"{path.name} ({err})")
         if errors:
@@ -108,7 +133,7 @@ class PersonalizedBase(Dataset):
         others = [i for i in range(self.num_images) if i != image_index] or [image_index]
         reference_index = others[rng.integers(len(others))]
         return {
-            "caption": TEMPLATES[rng.integers(len(TEMPLATES))].format(self.placeholder_token),
+            "caption": self.templates[rng.integers(len(self.templates))].format(self.placeholder_token),
             "image_index": image_index,
             "reference_index": reference_index,
             "flip": bool(rng.random() < self.flip_p),
