@@ -1,0 +1,340 @@
+"""The miniature world from the command line: concept folders and the pretrained base model.
+
+    # a DreamBooth-style folder of photos of a concept (plus its masks and spec)
+    python scripts/miniworld.py make-concept configs/miniworld/concepts/sunset_ring.yaml \\
+        --out data/miniworld/sunset_ring
+
+    # pretrain the base model (configs/miniworld/pretrain.yaml): autoencoder, then UNet + text encoder
+    python scripts/miniworld.py pretrain [--stage all|vae|ldm] [key=value overrides of the recipe]
+
+``pretrain`` renders the pretraining scenes once (cached), trains the autoencoder, rescales its
+latent space to the config's ``scale_factor``, encodes every scene, trains the UNet with the
+text encoder, and writes ``<output_dir>/base.safetensors`` (CompVis single-file layout, fp16,
+the same reader as ``sd-v1-4.ckpt``), the training curves and ``pretraining.json`` (command,
+seed, times, machine).
+
+Predictable mistakes print one ``error: ...`` line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from ldm.data.miniworld import ConceptSpec, WorldSampler, concept_scene, concept_seeds, render  # noqa: E402
+from ldm.models.pretraining import (  # noqa: E402
+    AutoencoderPretraining,
+    ImageArray,
+    LatentCaptionArray,
+    TextToImagePretraining,
+    normalise_latent_scale,
+    to_signed,
+)
+from ldm.util import instantiate_from_config  # noqa: E402
+
+logger = logging.getLogger("miniworld")
+
+DEFAULT_RECIPE = ROOT / "configs" / "miniworld" / "pretrain.yaml"
+BASE_FORMAT = "miniworld-base"
+
+
+class UsageError(ValueError):
+    """A mistake on the command line, reported as one ``error:`` line."""
+
+
+# ------------------------------------------------------------------ concepts
+def make_concept(spec: ConceptSpec, out: Path, count: int = 5, seed: int = 0) -> list[Path]:
+    """Write ``count`` photos ``NN.png`` of the concept, their masks ``masks/NN.png`` and ``concept.yaml``.
+
+    Each photo shows the concept alone in its own pose, size and scene; the scenes cycle
+    through the world's places in a seed-dependent order so a folder shows several.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(exist_ok=True)
+    paths = []
+    for index, scene_seed in enumerate(concept_seeds(spec, count, seed)):
+        rendering = render(concept_scene(spec, scene_seed))
+        path = out / f"{index:02d}.png"
+        Image.fromarray(rendering.image).save(path)
+        Image.fromarray(rendering.mask.astype(np.uint8) * 255).save(out / "masks" / path.name)
+        paths.append(path)
+    OmegaConf.save(OmegaConf.create({**spec.to_mapping(), "photos": count, "seed": seed}), out / "concept.yaml")
+    return paths
+
+
+# ---------------------------------------------------------------- pretraining
+def scene_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def pretraining_scenes(count: int, seed: int, cache_dir: Path) -> tuple[np.ndarray, list[str]]:
+    """The rendered pretraining pictures and captions, from the cache when present."""
+    cache = cache_dir / f"scenes-{count}-seed{seed}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["images"], [str(c) for c in data["captions"]]
+    sampler = WorldSampler()
+    images = np.empty((count, 64, 64, 3), dtype=np.uint8)
+    captions = []
+    for index in tqdm(range(count), desc="rendering scenes", unit="scene"):
+        rendering = render(sampler.scene(scene_seed(seed, index)))
+        images[index] = rendering.image
+        captions.append(rendering.caption)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    temporary = cache.with_suffix(".tmp.npz")
+    np.savez(temporary, images=images, captions=np.array(captions))
+    os.replace(temporary, cache)
+    return images, captions
+
+
+def make_trainer(steps: int, log_dir: Path, name: str, callbacks: Sequence = (), gradient_clip: float | None = None):
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    return pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        accelerator="auto",
+        devices=1,
+        precision=32,
+        logger=CSVLogger(save_dir=log_dir, name=name, version=""),
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        gradient_clip_val=gradient_clip,
+        log_every_n_steps=10,
+        enable_model_summary=False,
+    )
+
+
+def loader(dataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+
+
+def build_base_model(model_config: DictConfig):
+    """The base LatentDiffusion of the config, without ViCo's image attention (plain SD layout)."""
+    config = OmegaConf.to_container(model_config, resolve=True)
+    config["params"]["unet_config"]["params"]["image_attention_layers"] = []
+    config["params"].pop("ckpt_path", None)
+    return instantiate_from_config(config)
+
+
+def train_autoencoder(recipe: DictConfig, model_config: DictConfig, images: np.ndarray) -> dict:
+    """Stage 1: the autoencoder; writes ``<cache_dir>/autoencoder.safetensors``."""
+    from safetensors.torch import save_file
+
+    settings = recipe.autoencoder
+    torch.manual_seed(recipe.seed)
+    autoencoder = instantiate_from_config(model_config.params.first_stage_config)
+    module = AutoencoderPretraining(
+        autoencoder, settings.learning_rate, settings.kl_weight, settings.warmup_steps, settings.crop_size
+    )
+    subset = images[: settings.scenes]
+    trainer = make_trainer(settings.steps, Path(recipe.cache_dir) / "logs", "autoencoder")
+    trainer.fit(module, loader(ImageArray(subset), settings.batch_size, recipe.seed))
+    autoencoder.eval()
+    probe = torch.from_numpy(subset[:4096])
+    factor = normalise_latent_scale(autoencoder, probe, float(model_config.params.scale_factor))
+    with torch.no_grad():
+        reconstruction = torch.cat([autoencoder.decode(autoencoder.encode(to_signed(x)).mode()) for x in probe[:512].split(128)])
+        error = (reconstruction.clamp(-1, 1) - to_signed(probe[:512])).abs().mean().item() * 127.5
+    save_file({k: v.contiguous() for k, v in autoencoder.state_dict().items()}, str(Path(recipe.cache_dir) / "autoencoder.safetensors"))
+    logger.info("autoencoder: latent rescaled by %.4f; mean absolute reconstruction error %.2f / 255", factor, error)
+    return {"latent_rescale": factor, "reconstruction_error_255": error}
+
+
+@torch.no_grad()
+def encode_scenes(model, images: np.ndarray, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for part in tqdm(torch.from_numpy(images).split(chunk), desc="encoding scenes", unit="chunk"):
+        posterior = model.encode_first_stage(to_signed(part))
+        means.append(posterior.mean)
+        stds.append(posterior.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def used_token_ids(model, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids the captions use (with start/end), the rows of the embedding table that trained."""
+    ids = {model.cond_stage_model.tokenizer.bos_token_id, model.cond_stage_model.tokenizer.eos_token_id}
+    for caption in set(captions):
+        ids.update(model.cond_stage_model.tokenizer.encode(caption))
+    return torch.tensor(sorted(ids))
+
+
+def train_diffusion(recipe: DictConfig, model_config: DictConfig, images: np.ndarray, captions: list[str]) -> dict:
+    """Stage 2: UNet + text encoder on the frozen autoencoder; returns the trained model's record."""
+    from pytorch_lightning.callbacks import EMAWeightAveraging
+    from safetensors.torch import load_file
+
+    settings = recipe.diffusion
+    torch.manual_seed(recipe.seed)
+    model = build_base_model(model_config)
+    autoencoder_file = Path(recipe.cache_dir) / "autoencoder.safetensors"
+    if not autoencoder_file.is_file():
+        raise UsageError(f"no trained autoencoder at {autoencoder_file}: run --stage vae first")
+    model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
+    mean, std = encode_scenes(model, images)
+    tokens = model.cond_stage_model.tokenizer(captions)
+    empty = model.cond_stage_model.tokenizer([""])[0]
+    module = TextToImagePretraining(
+        model, settings.learning_rate, empty, settings.caption_dropout, settings.snr_gamma, settings.warmup_steps
+    )
+    ema = EMAWeightAveraging(decay=settings.ema_decay, update_starting_at_step=settings.steps // 5)
+    trainer = make_trainer(settings.steps, Path(recipe.cache_dir) / "logs", "diffusion", [ema], settings.gradient_clip)
+    trainer.fit(module, loader(LatentCaptionArray(mean, std, tokens), settings.batch_size, recipe.seed))
+    table = model.cond_stage_model.token_embedding.weight
+    keep = used_token_ids(model, captions)
+    with torch.no_grad():
+        unused = torch.ones(table.shape[0], dtype=torch.bool)
+        unused[keep] = False
+        table[unused] = 0.0  # never trained: zero rows keep the shipped file compressible
+    return {"model": model, "used_tokens": int(keep.numel())}
+
+
+def write_base(model, path: Path, metadata: dict[str, str]) -> None:
+    """The base weights in the CompVis single-file layout, as fp16 safetensors."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.base_state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+    path.chmod(0o644)
+
+
+def plot_curve(csv_path: Path, column: str, out: Path, title: str) -> None:
+    """A small PNG of one logged column against the step (smoothed), drawn with PIL."""
+    import csv
+
+    with csv_path.open() as handle:
+        rows = [(int(r["step"]), float(r[column])) for r in csv.DictReader(handle) if r.get(column)]
+    if not rows:
+        return
+    steps, values = np.array(rows).T
+    kernel = max(1, len(values) // 50)
+    smooth = np.convolve(values, np.ones(kernel) / kernel, mode="valid")
+    width, height, pad = 480, 240, 36
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    logs = np.log10(np.maximum(smooth, 1e-8))
+    low, high = logs.min(), logs.max() + 1e-9
+    xs = pad + (steps[kernel - 1 :] - steps[0]) / max(1, steps[-1] - steps[0]) * (width - 2 * pad)
+    ys = height - pad - (logs - low) / (high - low) * (height - 2 * pad)
+    draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(20, 80, 200), width=2)
+    draw.rectangle([pad, pad, width - pad, height - pad], outline="black")
+    draw.text((pad, 8), f"{title} ({column}, log scale, moving average of {kernel})", fill="black")
+    draw.text((pad, height - pad + 6), f"step {int(steps[0])}", fill="black")
+    draw.text((width - pad - 70, height - pad + 6), f"step {int(steps[-1])}", fill="black")
+    draw.text((2, pad - 12), f"{10 ** high:.3g}", fill="black")
+    draw.text((2, height - pad), f"{10 ** low:.3g}", fill="black")
+    image.save(out)
+
+
+def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
+    torch.set_num_threads(int(recipe.threads))
+    model_config = OmegaConf.load(ROOT / recipe.model_config).model
+    output = ROOT / recipe.output_dir
+    cache = Path(recipe.cache_dir)
+    record_path = cache / "pretraining.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() and stage == "ldm" else {}
+    started = time.time()
+    images, captions = pretraining_scenes(int(recipe.scenes), int(recipe.seed), cache)
+    record["render_seconds"] = round(time.time() - started, 1)
+    if stage in ("all", "vae"):
+        started = time.time()
+        record["autoencoder"] = train_autoencoder(recipe, model_config, images)
+        record["autoencoder"]["seconds"] = round(time.time() - started, 1)
+        record_path.write_text(json.dumps(record, indent=2))
+    if stage in ("all", "ldm"):
+        started = time.time()
+        trained = train_diffusion(recipe, model_config, images, captions)
+        record["diffusion"] = {"seconds": round(time.time() - started, 1), "used_tokens": trained["used_tokens"]}
+        record.update(
+            command=command,
+            seed=int(recipe.seed),
+            recipe=OmegaConf.to_container(recipe),
+            torch=torch.__version__,
+            machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {recipe.threads}",
+        )
+        metadata = {"format": BASE_FORMAT, "config": str(recipe.model_config), "seed": str(recipe.seed), "command": command}
+        write_base(trained["model"], output / "base.safetensors", metadata)
+        for name, column in (("autoencoder", "vae/l1"), ("diffusion", "ldm/mse")):
+            csv_path = cache / "logs" / name / "metrics.csv"
+            if csv_path.is_file():
+                shutil.copyfile(csv_path, output / f"{name}-metrics.csv")
+                plot_curve(csv_path, column, output / f"{name}-curve.png", name)
+        (output / "pretraining.json").write_text(json.dumps(record, indent=2) + "\n")
+        logger.info("base model: %s", output / "base.safetensors")
+    record_path.write_text(json.dumps(record, indent=2))
+    return output / "base.safetensors"
+
+
+# ----------------------------------------------------------------------- CLI
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(description="The miniature world: concept folders and the pretrained base model.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    concept = commands.add_parser("make-concept", help="write a DreamBooth-style folder of photos of a concept")
+    concept.add_argument("spec", help="concept spec (YAML), e.g. configs/miniworld/concepts/sunset_ring.yaml")
+    concept.add_argument("--out", required=True, help="output folder")
+    concept.add_argument("--count", type=int, default=5, help="number of photos")
+    concept.add_argument("--seed", type=int, default=0, help="seed of the poses and scenes")
+    train = commands.add_parser("pretrain", help="pretrain the base model (autoencoder, then UNet + text encoder)")
+    train.add_argument("--config", default=str(DEFAULT_RECIPE), help="pretraining recipe")
+    train.add_argument("--stage", choices=("all", "vae", "ldm"), default="all", help="which stage(s) to run")
+    train.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. diffusion.steps=100")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "make-concept":
+            if args.count < 1:
+                raise UsageError(f"--count must be at least 1, got {args.count}")
+            try:
+                spec = ConceptSpec.load(args.spec)
+            except ValueError as err:
+                raise UsageError(str(err)) from None
+            paths = make_concept(spec, Path(args.out), args.count, args.seed)
+            logger.info("%d photos of the concept in %s", len(paths), args.out)
+            return 0
+        if not Path(args.config).is_file():
+            raise UsageError(f"recipe not found: {args.config}")
+        bad = [o for o in args.overrides if "=" not in o]
+        if bad:
+            raise UsageError(f"overrides look like diffusion.steps=100, got '{bad[0]}'")
+        recipe = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
+        pretrain(recipe, args.stage, "python scripts/miniworld.py " + " ".join(argv))
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
