@@ -4,10 +4,12 @@
         --actual_resume models/ldm/stable-diffusion-v1/sd-v1-4.ckpt \\
         -n my_toy --data_root data/my_toy --init_word toy
 
-Each run writes ``logs/<time>_<name>/`` with the merged config (``configs/``), checkpoints
-holding only the trained weights (``checkpoints/``, every N steps and ``last.ckpt``), an
-adapter export for sharing (``checkpoints/adapter.safetensors``), image logs (``images/``)
-and metrics (``metrics/<time>/metrics.csv``, one file per session).
+Dotted config overrides (``data.params.batch_size=4``) may stand anywhere among the flags.
+Each run writes ``logs/<time>_<name>/`` with the merged config (``configs/``), the resumable
+state (``checkpoints/last.ckpt``), small exports of the trained weights at every save
+(``checkpoints/cross_attention-N.pt`` and the other formats of ``ldm.models.export``; the
+latest also as ``checkpoints/adapter.safetensors``), previews (``images/``), TensorBoard logs
+(``tensorboard/``) and CSV metrics (``metrics/``).
 """
 from __future__ import annotations
 
@@ -15,31 +17,89 @@ import argparse
 import datetime
 import logging
 import os
+import re
+import shutil
+import signal
 import sys
 import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger
+from omegaconf.errors import OmegaConfBaseException
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ldm.callbacks import AtomicCheckpointIO, CheckpointWriteError, ImageLogger, StepProgressBar, ViCoCheckpoint
+from ldm.config_schema import ConfigError, accepted_parameters, check_instantiable, check_keys, check_parameters
 from ldm.data.images import ImageError
-from ldm.models.loading import save_adapter
 from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
-from ldm.util import CheckpointError, check_stored_config, instantiate_from_config, save_state_dict
+from ldm.util import (
+    CheckpointError,
+    check_stored_config,
+    get_obj_from_str,
+    instantiate_from_config,
+    read_checkpoint,
+    save_state_dict,
+)
 
 logger = logging.getLogger("main")
 
-RUN_TIME_VARIABLE = "VICO_RUN_TIME"
+#: DDP starts the other ranks by re-running this script; they find the run folder here.
+RUN_DIR_VARIABLE = "VICO_RUN_DIR"
+DEFAULT_SEED = 23
+#: The frozen weights of a ``random_base`` run, saved in its run folder.
+RANDOM_BASE = "random-base.safetensors"
+#: A command-line word that is a dotted config override, e.g. ``model.params.reg_weight=0``.
+OVERRIDE = re.compile(r"^[A-Za-z_][\w-]*(\.[\w-]+)*=")
+#: Top-level keys of a run config.
+CONFIG_KEYS = ("model", "data", "lightning", "random_base", "seed")
+LIGHTNING_KEYS = ("trainer", "modelcheckpoint", "callbacks", "loggers")
+#: Settings a resume may change and still continue the same run in place.
+CONTINUATION_KEYS = (
+    "lightning.trainer.max_steps",
+    "lightning.trainer.enable_progress_bar",
+    "lightning.trainer.log_every_n_steps",
+    "lightning.callbacks.image_logger",
+    "lightning.loggers",
+)
+#: Paths the config records for the data and the base, resolved against where they came from.
+DATA_ROOT = "data.params.train.params.data_root"
+BASE_CKPT = "model.params.ckpt_path"
+PLACEHOLDERS = "model.params.personalization_config.params.placeholder_strings"
+INIT_WORDS = "model.params.personalization_config.params.initializer_words"
+DATA_PLACEHOLDER = "data.params.train.params.placeholder_token"
 
 
 class UsageError(Exception):
     """A mistake in the command line or the config, reported as one line."""
+
+
+class Interrupted(Exception):
+    """Training stopped on Ctrl-C; the message says what was saved and how to continue."""
+
+
+# ------------------------------------------------------------------ command line
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except where there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one-line :class:`UsageError`s."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = " (overrides look like model.params.reg_weight=0)" if message.startswith("unrecognized") else ""
+        raise UsageError(f"{message}{hint}; see --help")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -53,23 +113,54 @@ def str2bool(value: str | bool) -> bool:
 
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Dotted overrides such as lightning.trainer.max_steps=300 may stand anywhere among the flags.",
+        formatter_class=_HelpFormatter,
+    )
     parser.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
-                        help="configs merged left to right; dotted overrides after all flags win")
+                        help="configs merged left to right; dotted overrides win over them")
     parser.add_argument("-t", "--train", type=str2bool, nargs="?", const=True, default=False, help="train")
-    parser.add_argument("--gpus", type=str, default=None, help="GPU ids, e.g. '0,1,2,3' or '0,'; absent = CPU")
+    parser.add_argument("--gpus", type=str, default=None, help="CUDA device ids, e.g. '0,1,2,3' or '0,' (default: CPU)")
     parser.add_argument("--num_processes", type=int, default=1, help="CPU processes (DDP over gloo) without --gpus")
-    parser.add_argument("--num_nodes", type=int, default=1)
-    parser.add_argument("-n", "--name", type=str, default="", help="run name (logs/<time>_<name>)")
+    parser.add_argument("--num_nodes", type=int, default=1, help="machines")
+    parser.add_argument("-n", "--name", type=str, default="",
+                        help="run name: the run folder is <logdir>/<time>_<name> (default: the config's name)")
     parser.add_argument("--actual_resume", type=str, default=None, help="base Stable Diffusion checkpoint")
     parser.add_argument("--data_root", type=str, default=None, help="folder of photos of the concept")
     parser.add_argument("--init_word", type=str, default=None, help="single-token word initialising S*")
+    parser.add_argument("--placeholder_string", type=str, default=None,
+                        help="the string standing for S* in captions and prompts (default: the config's, '*')")
     parser.add_argument("-r", "--resume", type=str, default=None, help="a run folder or a checkpoint in it")
-    parser.add_argument("-l", "--logdir", type=str, default="logs")
-    parser.add_argument("-s", "--seed", type=int, default=23)
+    parser.add_argument("-l", "--logdir", type=str, default="logs", help="where run folders are created")
+    parser.add_argument("-s", "--seed", type=int, default=None,
+                        help=f"seed of the data stream, initialisation, timesteps and noise "
+                             f"(default: {DEFAULT_SEED}, or the resumed run's)")
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                         help="S* learning rate x accumulate x devices x nodes x batch size (as the original)")
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The flags and the dotted overrides of a command line, wherever the overrides stand.
+
+    Overrides are taken out first, so that ``-t key=val`` does not read ``key=val`` as the
+    value of ``-t`` and ``--base a.yaml key=val`` does not read it as a config file.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [word for word in argv if OVERRIDE.match(word)]
+    flags = [word for word in argv if not OVERRIDE.match(word)]
+    return get_parser().parse_args(flags), overrides
+
+
+def check_options(opt: argparse.Namespace) -> None:
+    if opt.num_processes < 1:
+        raise UsageError(f"--num_processes must be at least 1, got {opt.num_processes}")
+    if opt.num_nodes < 1:
+        raise UsageError(f"--num_nodes must be at least 1, got {opt.num_nodes}")
+    separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
+    if any(s in opt.name for s in separators) or opt.name in (".", ".."):
+        raise UsageError(f"-n/--name must be a plain name without path separators, got '{opt.name}'")
 
 
 def parse_devices(gpus: str | None, num_processes: int) -> tuple[str, list[int] | int]:
@@ -77,50 +168,143 @@ def parse_devices(gpus: str | None, num_processes: int) -> tuple[str, list[int] 
     if gpus is None or not gpus.strip(","):
         return "cpu", num_processes
     try:
-        return "gpu", [int(g) for g in gpus.split(",") if g.strip()]
+        ids = [int(g) for g in gpus.split(",") if g.strip()]
     except ValueError:
         raise UsageError(f"--gpus expects ids like '0,1,2,3', got '{gpus}'") from None
+    if not torch.cuda.is_available():
+        raise UsageError(f"--gpus {gpus}: no CUDA device is available on this machine; leave out --gpus to train on the CPU")
+    count = torch.cuda.device_count()
+    unknown = [i for i in ids if not 0 <= i < count]
+    if unknown:
+        raise UsageError(f"--gpus {gpus}: no CUDA device {unknown[0]}; this machine has {count} (0-{count - 1})")
+    return "gpu", ids
 
 
-def resolve_resume(resume: str) -> tuple[Path, Path]:
-    """Run folder and checkpoint of ``-r``, which may name either."""
+# ------------------------------------------------------------------ configs
+@dataclass
+class Resume:
+    """Where ``-r`` points: the run folder, its checkpoint and its configs."""
+
+    run: Path
+    checkpoint: Path
+    configs: list[Path]
+    step: int = 0
+
+
+def find_resume(resume: str) -> Resume:
+    """The run folder and checkpoint of ``-r``, which may name either."""
     path = Path(resume)
     if path.is_file():
-        return path.parent.parent, path
-    checkpoint = path / "checkpoints" / "last.ckpt"
+        run, checkpoint = path.parent.parent, path
+    elif path.is_dir():
+        run, checkpoint = path, path / "checkpoints" / "last.ckpt"
+    else:
+        raise UsageError(f"cannot resume: {path} not found")
+    configs = sorted((run / "configs").glob("*.yaml"))
+    if not configs:
+        raise UsageError(f"cannot resume: {run} has no configs/*.yaml, so it is not a run folder written by main.py")
     if not checkpoint.is_file():
         raise UsageError(f"cannot resume: {checkpoint} not found")
-    return path, checkpoint
+    return Resume(run, checkpoint, configs)
 
 
-def load_config(opt: argparse.Namespace, overrides: list[str], resumed_configs: list[Path]) -> DictConfig:
-    if not opt.base and not resumed_configs:
+def read_yaml(path: Path) -> DictConfig:
+    try:
+        config = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UsageError(f"{path}:{where} not valid YAML ({problem})") from None
+    except (OSError, OmegaConfBaseException) as err:
+        raise UsageError(f"{path}: cannot read the config ({err})") from None
+    if not isinstance(config, DictConfig):
+        raise UsageError(f"{path}: a config must be a mapping with model, data and lightning sections")
+    return config
+
+
+def read_stored_config(path: Path, run: Path) -> DictConfig:
+    """A run folder's config, checked (it may come from someone else).
+
+    A relative base checkpoint path is relative to the run folder (a run's random base lives
+    there), so a run folder can be moved.
+    """
+    config = read_yaml(path)
+    check_stored_config(config, path)
+    base = OmegaConf.select(config, BASE_CKPT)
+    if base and not Path(base).is_absolute():
+        OmegaConf.update(config, BASE_CKPT, str((run / base).resolve()))
+    return config
+
+
+def lightning_schema() -> dict[str, Any]:
+    """The defaults of the ``lightning`` section, merged under the config's (as CompVis does).
+
+    Run-specific paths (``dirpath``, ``save_dir``, ``logdir``) are added when instantiating.
+    A default callback or logger is switched off by setting it to null.
+    """
+    return {
+        "trainer": {},
+        "modelcheckpoint": {"target": "ldm.callbacks.ViCoCheckpoint", "params": {}},
+        "loggers": {
+            "tensorboard": {
+                "target": "pytorch_lightning.loggers.TensorBoardLogger",
+                "params": {"name": "tensorboard", "default_hp_metric": False},
+            },
+            "csv": {"target": "pytorch_lightning.loggers.CSVLogger", "params": {"name": "metrics"}},
+        },
+        "callbacks": {
+            "learning_rate": {
+                "target": "pytorch_lightning.callbacks.LearningRateMonitor",
+                "params": {"logging_interval": "step"},
+            },
+            "step_time": {"target": "ldm.callbacks.StepTime"},
+            "export": {"target": "ldm.callbacks.TrainedWeightsExport"},
+        },
+    }
+
+
+def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | None) -> DictConfig:
+    """Merge the run's stored configs, ``--base`` and the overrides; apply the flags."""
+    if not opt.base and resume is None:
         raise UsageError("give a config with --base (e.g. configs/vico.yaml) or a run to resume with -r")
     for bad in [b for b in opt.base if not Path(b).is_file()]:
         raise UsageError(f"config not found: {bad}")
-    bad_overrides = [o for o in overrides if "=" not in o]
-    if bad_overrides:
-        raise UsageError(f"unknown argument '{bad_overrides[0]}' (overrides look like model.params.reg_weight=0)")
-    configs = [OmegaConf.load(p) for p in [*resumed_configs, *opt.base]]
-    for path, stored in zip(resumed_configs, configs):
-        check_stored_config(stored, path)  # a run folder may come from someone else
-    config = OmegaConf.merge(*configs, OmegaConf.from_dotlist(overrides))
-    params = config.model.params
+    stored = [read_stored_config(path, resume.run) for path in resume.configs] if resume else []
+    configs = [*stored, *(read_yaml(Path(p)) for p in opt.base)]
+    try:
+        dotlist = OmegaConf.from_dotlist(overrides)
+        config = OmegaConf.merge(*configs, dotlist)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise UsageError(f"cannot apply the overrides {overrides}: {str(err).splitlines()[0]}") from None
     if opt.actual_resume is not None:
-        params.ckpt_path = str(Path(opt.actual_resume).resolve())
+        OmegaConf.update(config, BASE_CKPT, str(Path(opt.actual_resume).resolve()))
     if opt.init_word is not None:
-        params.personalization_config.params.initializer_words = [opt.init_word]
+        OmegaConf.update(config, INIT_WORDS, [opt.init_word])
+    if opt.placeholder_string is not None:
+        OmegaConf.update(config, PLACEHOLDERS, [opt.placeholder_string])
+        OmegaConf.update(config, DATA_PLACEHOLDER, opt.placeholder_string)
     if opt.data_root is not None:
-        config.data.params.train.params.data_root = opt.data_root
+        OmegaConf.update(config, DATA_ROOT, opt.data_root)
+    if OmegaConf.select(config, DATA_ROOT):
+        OmegaConf.update(config, DATA_ROOT, str(Path(OmegaConf.select(config, DATA_ROOT)).resolve()))
+    seed = opt.seed if opt.seed is not None else config.get("seed", DEFAULT_SEED)
+    config.seed = seed
+    OmegaConf.update(config, "data.params.train.params.seed", seed)
     return config
 
 
 def check_config(config: DictConfig) -> None:
     """The start-up checks that must fail before anything slow happens."""
-    data_root = OmegaConf.select(config, "data.params.train.params.data_root")
+    try:
+        plain = OmegaConf.to_container(config, resolve=True)
+    except OmegaConfBaseException as err:
+        raise UsageError(f"the config does not resolve: {str(err).splitlines()[0]}") from None
+    check_schema(plain)
+    data_root = OmegaConf.select(config, DATA_ROOT)
     if not data_root:
         raise UsageError("no training photos: pass --data_root <folder>")
-    base = OmegaConf.select(config, "model.params.ckpt_path")
+    base = OmegaConf.select(config, BASE_CKPT)
     if base:
         if not Path(base).is_file():
             raise CheckpointError(f"base checkpoint not found: {base}")
@@ -129,15 +313,162 @@ def check_config(config: DictConfig) -> None:
     max_steps = OmegaConf.select(config, "lightning.trainer.max_steps", default=None)
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise UsageError(f"lightning.trainer.max_steps must be a positive number of steps, got {max_steps}")
+    check_placeholders(plain)
+
+
+def check_schema(config: Mapping[str, Any]) -> None:
+    """Every key must be one the code reads and every value of the type it expects."""
+    check_keys(config, "", CONFIG_KEYS)
+    for section in ("model", "data"):
+        if section not in config:
+            raise ConfigError(f"the config has no '{section}' section")
+        check_instantiable(config[section], section, {"model": ["base_learning_rate"]})
+    lightning = OmegaConf.to_container(OmegaConf.merge(lightning_schema(), config.get("lightning") or {}))
+    check_keys(lightning, "lightning", LIGHTNING_KEYS)
+    check_parameters(lightning["trainer"] or {}, pl.Trainer, "lightning.trainer")
+    logger_flag = (lightning["trainer"] or {}).get("logger", True)
+    if not isinstance(logger_flag, bool):
+        raise ConfigError("lightning.trainer.logger must be true or false; configure loggers under lightning.loggers")
+    check_instantiable(lightning["modelcheckpoint"], "lightning.modelcheckpoint")
+    for group in ("callbacks", "loggers"):
+        for name, node in (lightning[group] or {}).items():
+            if node is not None:
+                check_instantiable(node, f"lightning.{group}.{name}")
+
+
+def check_placeholders(config: Mapping[str, Any]) -> None:
+    """The dataset's captions, the model's S* and the preview prompts must use one placeholder."""
     tokenizer = CLIPTokenizer()
-    words = OmegaConf.select(config, "model.params.personalization_config.params.initializer_words") or []
-    for word in words:
-        try:
-            single_token_id(tokenizer, word, "--init_word", "choose a word that is a single token")
-        except ValueError as err:
-            raise UsageError(str(err)) from None
+    personalization = _params(_params(config["model"]).get("personalization_config"))
+    placeholders = list(personalization.get("placeholder_strings", ["*"]))
+    for placeholder in placeholders:
+        _single_token(tokenizer, placeholder, "placeholder string", "choose a string that is a single token")
+    for word in personalization.get("initializer_words") or []:
+        _single_token(tokenizer, word, "--init_word", "choose a word that is a single token")
+    data_placeholder = _params(_params(config["data"]).get("train")).get("placeholder_token", "*")
+    if data_placeholder not in placeholders:
+        raise UsageError(
+            f"the captions' placeholder '{data_placeholder}' ({DATA_PLACEHOLDER}) is not the model's "
+            f"{placeholders} ({PLACEHOLDERS}): S* would never be trained; set both with --placeholder_string"
+        )
+    for name, callback in ((config.get("lightning") or {}).get("callbacks") or {}).items():
+        if callback is None or not issubclass(get_obj_from_str(callback["target"]), ImageLogger):
+            continue
+        for prompt in _params(callback).get("prompts") or []:
+            if data_placeholder not in prompt:
+                raise UsageError(
+                    f"lightning.callbacks.{name}.params.prompts: '{prompt}' does not contain the placeholder "
+                    f"'{data_placeholder}'"
+                )
 
 
+def _params(node: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return (node or {}).get("params") or {}
+
+
+def _single_token(tokenizer: CLIPTokenizer, text: str, role: str, advice: str) -> None:
+    try:
+        single_token_id(tokenizer, text, role, advice)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def read_resume_checkpoint(path: Path) -> int:
+    """Check with the safe reader that ``path`` is a resumable checkpoint; its step."""
+    content = read_checkpoint(path)
+    missing = [key for key in ("state_dict", "optimizer_states", "loops", "global_step") if key not in content]
+    if missing:
+        raise CheckpointError(
+            f"{path}: not a resumable training checkpoint (no '{missing[0]}'); -r needs a run's last.ckpt"
+        )
+    if "config" in content:
+        check_stored_config(content["config"], path)
+    return int(content["global_step"])
+
+
+# ------------------------------------------------------------------ run folders
+def flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping) and node:
+        for key, value in node.items():
+            yield from flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, node
+
+
+def changed_settings(before: DictConfig, after: DictConfig) -> list[str]:
+    """Keys whose values differ, other than those a continuing run may change."""
+    old = dict(flatten(OmegaConf.to_container(before, resolve=True)))
+    new = dict(flatten(OmegaConf.to_container(after, resolve=True)))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    return [k for k in changed if not any(k == c or k.startswith(c + ".") for c in CONTINUATION_KEYS)]
+
+
+def branch_reason(resume: Resume, config: DictConfig) -> str | None:
+    """Why resuming cannot continue in the run's own folder (None: it can)."""
+    if resume.checkpoint.name != "last.ckpt":
+        return f"{resume.checkpoint.name} is not the run's latest checkpoint"
+    stored = OmegaConf.merge(*(read_stored_config(path, resume.run) for path in resume.configs))
+    stored.seed = stored.get("seed", DEFAULT_SEED)
+    changed = changed_settings(stored, config)
+    if changed:
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        return f"the settings changed ({', '.join(changed[:3])}{more})"
+    return None
+
+
+def create_run_folder(parent: Path, stem: str) -> Path:
+    """A new folder ``parent/stem`` (``stem-1``, ``stem-2``, ... if taken), created exclusively."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(1000):
+            folder = parent / (stem if attempt == 0 else f"{stem}-{attempt}")
+            try:
+                folder.mkdir()
+                return folder
+            except FileExistsError:
+                continue
+    except OSError as err:
+        raise UsageError(f"cannot create a run folder in {parent}: {err.strerror or err}") from None
+    raise UsageError(f"cannot create a run folder in {parent}: {stem} and its 999 variants exist")
+
+
+def run_name(opt: argparse.Namespace, resume: Resume | None) -> str:
+    if opt.name:
+        return opt.name
+    if resume is not None:
+        return resume.run.name.partition("_")[2] or resume.run.name
+    return Path(opt.base[0]).stem if opt.base else "run"
+
+
+def portable(config: DictConfig, logdir: Path) -> DictConfig:
+    """The config as recorded in the run: paths inside the run folder relative to it."""
+    config = config.copy()
+    base = OmegaConf.select(config, BASE_CKPT)
+    if base and Path(base).resolve().is_relative_to(logdir.resolve()):
+        OmegaConf.update(config, BASE_CKPT, str(Path(base).resolve().relative_to(logdir.resolve())))
+    return config
+
+
+def write_config(config: DictConfig, logdir: Path, session: str) -> None:
+    path = logdir / "configs" / f"{session}-project.yaml"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(portable(config, logdir), path)
+    except OSError as err:
+        raise UsageError(f"cannot write to the run folder {logdir}: {err.strerror or err}") from None
+
+
+def copy_into(source: Path, folder: Path) -> Path:
+    """``source`` in ``folder``: a hard link where possible, else a copy."""
+    target = folder / source.name
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+    return target
+
+
+# ------------------------------------------------------------------ building
 def learning_rate(config: DictConfig, opt: argparse.Namespace, devices: list[int] | int) -> float:
     base_lr = config.model.base_learning_rate
     if not opt.scale_lr:
@@ -153,26 +484,65 @@ def learning_rate(config: DictConfig, opt: argparse.Namespace, devices: list[int
     return lr
 
 
-def build_callbacks(config: DictConfig, logdir: Path) -> list[pl.Callback]:
-    lightning = config.get("lightning", {})
-    checkpoint_params = {"every_n_train_steps": 50, **lightning.get("modelcheckpoint", {}).get("params", {})}
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            dirpath=logdir / "checkpoints",
-            filename="step={step:06d}",
-            auto_insert_metric_name=False,
-            save_top_k=-1,
-            save_last=True,
-            **checkpoint_params,
-        )
-    ]
-    for name, callback_config in lightning.get("callbacks", {}).items():
-        params = dict(callback_config.get("params") or {})
-        if callback_config["target"].startswith("ldm.callbacks."):
-            params["logdir"] = str(logdir)
-        logger.info("callback %s: %s", name, callback_config["target"])
-        callbacks.append(instantiate_from_config({"target": callback_config["target"], "params": params}))
-    return callbacks
+def _with_run_paths(node: Mapping[str, Any], logdir: Path, session: str, name: str, group: str) -> dict[str, Any]:
+    """A ``target``/``params`` node with the run's paths added to params it does not set."""
+    run_paths = {
+        "loggers": {"save_dir": str(logdir), "version": session, "name": name},
+        "modelcheckpoint": {"dirpath": str(logdir / "checkpoints")},
+        "callbacks": {"logdir": str(logdir)},
+    }[group]
+    accepted, _ = accepted_parameters(get_obj_from_str(node["target"]))
+    params = {key: value for key, value in run_paths.items() if key in accepted}
+    return {"target": node["target"], "params": {**params, **(node.get("params") or {})}}
+
+
+def build_loggers(lightning: DictConfig, logdir: Path, session: str, name: str) -> list[pl.loggers.Logger]:
+    """The loggers of ``lightning.loggers``; a missing optional package is one line, now."""
+    loggers = []
+    for key, node in lightning.loggers.items():
+        if node is None:
+            continue
+        try:
+            loggers.append(instantiate_from_config(_with_run_paths(node, logdir, session, name, "loggers")))
+        except (ImportError, ModuleNotFoundError) as err:
+            raise UsageError(
+                f"lightning.loggers.{key} ({node.target}) cannot start: {str(err).splitlines()[0]} "
+                f"(install it, or remove lightning.loggers.{key})"
+            ) from None
+    return loggers
+
+
+def build_callbacks(lightning: DictConfig, logdir: Path, session: str, enable_progress_bar: bool) -> list[pl.Callback]:
+    nodes = [("modelcheckpoint", lightning.modelcheckpoint)]
+    nodes += [("callbacks", node) for node in lightning.callbacks.values() if node is not None]
+    callbacks = [instantiate_from_config(_with_run_paths(node, logdir, session, "", group)) for group, node in nodes]
+    for callback in callbacks[1:]:
+        logger.debug("callback %s", type(callback).__name__)
+    return [*callbacks, StepProgressBar()] if enable_progress_bar else callbacks
+
+
+def build_trainer(
+    config: DictConfig, opt: argparse.Namespace, devices: tuple[str, list[int] | int], logdir: Path, session: str
+) -> pl.Trainer:
+    """The trainer: the run's defaults, then the config's ``lightning.trainer`` over them."""
+    lightning = OmegaConf.merge(lightning_schema(), config.get("lightning") or {})
+    accelerator, device_list = devices
+    n_processes = (len(device_list) if isinstance(device_list, list) else device_list) * opt.num_nodes
+    params: dict[str, Any] = {
+        "accelerator": accelerator,
+        "devices": device_list,
+        "num_nodes": opt.num_nodes,
+        "strategy": "ddp" if n_processes > 1 else "auto",
+        "use_distributed_sampler": False,
+        "default_root_dir": str(logdir),
+        "max_epochs": -1,
+        "plugins": [AtomicCheckpointIO()],
+        **OmegaConf.to_container(lightning.trainer, resolve=True),
+    }
+    use_loggers = params.pop("logger", True)
+    params["logger"] = build_loggers(lightning, logdir, session, logdir.name) if use_loggers else False
+    params["callbacks"] = build_callbacks(lightning, logdir, session, params.get("enable_progress_bar", True) is not False)
+    return pl.Trainer(**params)
 
 
 @torch.no_grad()
@@ -185,6 +555,31 @@ def fill_zero_initialised_weights(model: torch.nn.Module, std: float = 0.05) -> 
     for parameter in model.parameters():
         if not parameter.requires_grad and parameter.dim() > 1 and not parameter.any():
             parameter.normal_(0.0, std)
+
+
+def build_model(config: DictConfig, logdir: Path, new_random_base: bool, is_rank_zero: bool) -> pl.LightningModule:
+    """The model of the config; a new random base is drawn and saved in the run folder."""
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    if new_random_base:
+        model_config["params"].pop("ckpt_path", None)
+    model = instantiate_from_config(model_config)
+    if new_random_base:
+        fill_zero_initialised_weights(model)
+        if is_rank_zero:
+            try:
+                save_state_dict(model.base_state_dict(), logdir / RANDOM_BASE)
+            except OSError as err:
+                raise UsageError(f"cannot write {logdir / RANDOM_BASE}: {err.strerror or err}") from None
+    return model
+
+
+def warn_single_photo(data: pl.LightningDataModule, config: DictConfig) -> None:
+    if data.train_dataset.num_images == 1:
+        logger.warning(
+            "only one training photo in %s: ViCo needs another photo of the object as the reference, "
+            "so this photo is its own reference; add more photos to train the method as published",
+            OmegaConf.select(config, DATA_ROOT),
+        )
 
 
 @dataclass
@@ -200,85 +595,137 @@ class Run:
     started: str
 
 
+def choose_run_folder(
+    opt: argparse.Namespace, config: DictConfig, resume: Resume | None, session: str
+) -> tuple[Path, bool]:
+    """The run folder and whether this session created it.
+
+    A resume continues in its own folder when it takes up the run's latest state with the
+    same settings; otherwise it branches into a new folder beside it, so that the original
+    run's checkpoints and exports are never overwritten by another line of training.
+    """
+    inherited = os.environ.get(RUN_DIR_VARIABLE)
+    if inherited:
+        return Path(inherited), False
+    name = run_name(opt, resume)
+    if resume is None:
+        return create_run_folder(Path(opt.logdir), f"{session}_{name}"), True
+    reason = branch_reason(resume, config)
+    if reason is None:
+        logger.info("resuming %s at step %d", resume.run, resume.step)
+        return resume.run, False
+    folder = create_run_folder(resume.run.parent, f"{session}_{name}")
+    base = OmegaConf.select(config, BASE_CKPT)
+    if base and Path(base).resolve().is_relative_to(resume.run.resolve()):
+        OmegaConf.update(config, BASE_CKPT, str(copy_into(Path(base), folder)))
+    logger.warning(
+        "resuming %s from %s (step %d), but %s: training continues in the new run folder %s; %s stays as it was",
+        resume.run, resume.checkpoint.name, resume.step, reason, folder, resume.run.name,
+    )
+    return folder, True
+
+
 def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
     """Read the configs, check them, build data, model and trainer (no training yet)."""
-    # DDP starts the other ranks by re-running this script; they find the run folder through this variable.
-    now = os.environ.get(RUN_TIME_VARIABLE) or datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-    resumed_configs: list[Path] = []
-    checkpoint = None
-    if opt.resume:
-        logdir, checkpoint = resolve_resume(opt.resume)
-        resumed_configs = sorted((logdir / "configs").glob("*.yaml"))
-    else:
-        name = opt.name or (Path(opt.base[0]).stem if opt.base else "run")
-        logdir = Path(opt.logdir) / f"{now}_{name}"
-
-    config = load_config(opt, overrides, resumed_configs)
+    session = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    check_options(opt)
+    devices = parse_devices(opt.gpus, opt.num_processes)
+    resume = find_resume(opt.resume) if opt.resume else None
+    config = load_config(opt, overrides, resume)
     check_config(config)
-    accelerator, devices = parse_devices(opt.gpus, opt.num_processes)
-    pl.seed_everything(opt.seed, workers=True)
-
-    data = instantiate_from_config(config.data)
-    model_config = config.model
-    model = instantiate_from_config(model_config)
-    model.seed = opt.seed
-    model.learning_rate = learning_rate(config, opt, devices)
-
+    if resume is not None:
+        resume.step = read_resume_checkpoint(resume.checkpoint)
+    new_random_base = bool(config.get("random_base", False)) and not OmegaConf.select(config, BASE_CKPT)
+    logdir, created = choose_run_folder(opt, config, resume, session)
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
-    if not model_config.params.get("ckpt_path"):
-        fill_zero_initialised_weights(model)
-        base = (logdir / "random-base.safetensors").resolve()
+    try:
+        if new_random_base:
+            OmegaConf.update(config, BASE_CKPT, str(logdir / RANDOM_BASE))
         if is_rank_zero:
-            base.parent.mkdir(parents=True, exist_ok=True)
-            save_state_dict(model.base_state_dict(), base)
-        model_config.params.ckpt_path = str(base)
-    model.run_config = OmegaConf.to_container(config, resolve=True)
-    if is_rank_zero:
-        (logdir / "configs").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(config, logdir / "configs" / f"{now}-project.yaml")
+            write_config(config, logdir, session)
+        trainer = build_trainer(config, opt, devices, logdir, session)
+        pl.seed_everything(config.seed, workers=True)
+        data = instantiate_from_config(config.data)
+        warn_single_photo(data, config)
+        model = build_model(config, logdir, new_random_base, is_rank_zero)
+    except BaseException:
+        if created:
+            shutil.rmtree(logdir, ignore_errors=True)
+        raise
+    model.seed = config.seed
+    model.learning_rate = learning_rate(config, opt, devices[1])
+    model.run_config = OmegaConf.to_container(portable(config, logdir), resolve=True)
+    return Run(trainer, model, data, config, logdir, resume.checkpoint if resume else None, session)
 
-    trainer_params: dict[str, Any] = {"max_epochs": -1, **config.get("lightning", {}).get("trainer", {})}
-    n_processes = (len(devices) if isinstance(devices, list) else devices) * opt.num_nodes
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=opt.num_nodes,
-        strategy="ddp" if n_processes > 1 else "auto",
-        use_distributed_sampler=False,
-        default_root_dir=logdir,
-        logger=CSVLogger(save_dir=logdir, name="metrics", version=now),
-        callbacks=build_callbacks(config, logdir),
-        **trainer_params,
-    )
-    return Run(trainer, model, data, config, logdir, checkpoint, now)
+
+# ------------------------------------------------------------------ training
+def checkpoint_callback(trainer: pl.Trainer) -> ViCoCheckpoint | None:
+    return next((c for c in trainer.callbacks if isinstance(c, ViCoCheckpoint)), None)
 
 
 def train(run: Run) -> None:
+    """Fit; on Ctrl-C the state is saved and :class:`Interrupted` says where."""
     # The frozen SD modules are in eval mode on purpose.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     # ResumableSampler continues from the trainer's step, so mid-epoch resumes are exact.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    os.environ[RUN_TIME_VARIABLE] = run.started
+    # A branched or moved run keeps no best-model paths of the old folder: there are none to keep.
+    warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    os.environ[RUN_DIR_VARIABLE] = str(run.logdir)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
-        run.trainer.fit(run.model, datamodule=run.data, ckpt_path=run.checkpoint)
+        with logging_redirect_tqdm(loggers=console_loggers()):
+            run.trainer.fit(run.model, datamodule=run.data, ckpt_path=run.checkpoint)
+    except SystemExit:
+        callback = checkpoint_callback(run.trainer)
+        if callback is None or callback.interrupted_at is None:
+            raise
+        raise Interrupted(interruption_message(run, callback)) from None
     finally:
-        os.environ.pop(RUN_TIME_VARIABLE, None)
-    if run.trainer.is_global_zero:
-        save_adapter(run.model, run.config, run.logdir / "checkpoints" / "adapter.safetensors")
-        logger.info("done: %s", run.logdir)
+        os.environ.pop(RUN_DIR_VARIABLE, None)
+        signal.signal(signal.SIGINT, sigint)  # Lightning ignores Ctrl-C after the first
+    logger.info("done: %s", run.logdir)
+
+
+def interruption_message(run: Run, callback: ViCoCheckpoint) -> str:
+    step = callback.interrupted_at
+    if not step:
+        return "interrupted before the first step; nothing was saved"
+    return (
+        f"interrupted at step {step}: saved {callback.last_path} and its export; "
+        f"continue with: python main.py -t -r {run.logdir}"
+    )
+
+
+def console_loggers() -> list[logging.Logger]:
+    """Loggers whose console output must not land inside progress bars."""
+    return [logging.getLogger(), logging.getLogger("pytorch_lightning"), logging.getLogger("lightning_fabric")]
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    opt, overrides = get_parser().parse_known_args(argv)
-    if not opt.train:
-        print("error: nothing to do; pass -t to train (sampling is sample.py)", file=sys.stderr)
-        return 2
+    configure_logging()
     try:
+        opt, overrides = parse_args(argv)
+        if not opt.train:
+            raise UsageError("nothing to do; pass -t to train (sampling is sample.py)")
         train(setup_run(opt, overrides))
-    except (UsageError, ImageError, CheckpointError) as err:
+    except (UsageError, ConfigError, ImageError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as err:
+        print(f"error: {err}; the run stopped", file=sys.stderr)
+        return 1
+    except Interrupted as err:
+        logger.warning("%s", err)
+        return 130
+    except KeyboardInterrupt:
+        logger.warning("interrupted before training started; nothing was saved")
+        return 130
     return 0
 
 

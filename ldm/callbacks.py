@@ -1,35 +1,234 @@
-"""Lightning callbacks of a ViCo run."""
+"""Lightning plugins and callbacks of a ViCo run: checkpoints, exports, previews, progress."""
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 from torchvision.utils import make_grid, save_image
 
+from ldm.config_schema import ConfigError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import sample_prompt
+from ldm.models.export import DEFAULT_FORMATS, EXPORT_FORMATS, export_trained
+from ldm.models.loading import save_adapter
+from ldm.util import read_checkpoint, write_atomically
 
 logger = logging.getLogger(__name__)
 
 
-class ImageLogger(pl.Callback):
-    """Every ``batch_frequency`` steps, sample the batch's first caption with its reference.
+# ------------------------------------------------------------------ writing files
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or export could not be written (full disk, lost mount); the previous file is intact."""
 
-    Writes ``<logdir>/images/train/step-XXXXXX.png``: the reference photo, then
-    ``max_images`` guided DDIM samples; the caption goes to the ``.txt`` beside it.
+
+def write_file(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
+    """:func:`ldm.util.write_atomically`, with an ``OSError`` turned into one line naming the file."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        write_atomically(path, write)
+    except OSError as err:
+        kept = f"; the previous {path.name} is unchanged" if existed else ""
+        raise CheckpointWriteError(f"cannot write {path}: {err.strerror or err}{kept}") from None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O: atomic writes, reads through the project's safe reader.
+
+    A checkpoint goes to a temporary file in its destination folder (a rename across
+    filesystems would be a copy, not atomic), is flushed to disk, then renamed over the old
+    one (:func:`ldm.util.write_atomically`): a kill or a full disk leaves the previous
+    checkpoint whole. Reading goes through :func:`ldm.util.read_checkpoint`
+    (``weights_only=True`` and the project's allow-list), so resuming unpickles nothing else.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        write_file(path, lambda temporary: torch.save(checkpoint, temporary))
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path)
+
+
+# ------------------------------------------------------------------ checkpoints
+class ViCoCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` with ViCo's retention defaults, a final save and a save on Ctrl-C.
+
+    By default only ``last.ckpt`` holds the full resumable state (optimizer included); the
+    small trained-weights export is written at every save by :class:`TrainedWeightsExport`.
+    ``save_top_k: -1`` also keeps a full ``step=NNNNNN.ckpt`` at every save.
+
+    Lightning saves ``last.ckpt`` at the end of training only when nothing was saved before;
+    here the final step is always saved, and a ``KeyboardInterrupt`` saves the state it
+    interrupted (then :attr:`interrupted_at` holds the step).
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        every_n_train_steps: int = 50,
+        save_top_k: int = 0,
+        save_last: bool = True,
+        filename: str = "step={step:06d}",
+        auto_insert_metric_name: bool = False,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            dirpath=dirpath,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=save_top_k,
+            save_last=save_last,
+            filename=filename,
+            auto_insert_metric_name=auto_insert_metric_name,
+            **kwargs,
+        )
+        self.interrupted_at: int | None = None
+
+    @property
+    def last_path(self) -> Path:
+        return Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, KeyboardInterrupt):
+            return
+        self.interrupted_at = trainer.global_step
+        if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
+            trainer.save_checkpoint(self.last_path)
+            self._last_global_step_saved = trainer.global_step
+
+
+class TrainedWeightsExport(pl.Callback):
+    """At every checkpoint save, write the trained weights alone, small and shareable.
+
+    In ``<logdir>/checkpoints/``, for each saved step ``N``: the files of
+    :func:`ldm.models.export.export_trained` in ``formats`` (by default the authors'
+    ``cross_attention-N.pt`` / ``embeddings_gs-N.pt`` pair and S* for Textual Inversion
+    tools), so every saved step stays usable (the paper notes an earlier step may follow
+    prompts better); and ``adapter.safetensors``, the latest step in this project's format.
+    Runs wherever a checkpoint is written, so an interrupted run leaves an export too.
+
+    Args:
+        logdir: run folder.
+        formats: any of :data:`ldm.models.export.EXPORT_FORMATS`; empty: the latest adapter only.
+    """
+
+    def __init__(self, logdir: str, formats: Sequence[str] = DEFAULT_FORMATS):
+        super().__init__()
+        unknown = [name for name in formats if name not in EXPORT_FORMATS]
+        if unknown:
+            raise ConfigError(f"unknown export format '{unknown[0]}'; choose from {', '.join(EXPORT_FORMATS)}")
+        self.folder = Path(logdir) / "checkpoints"
+        self.formats = tuple(formats)
+        self.exported_step: int | None = None
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        if trainer.is_global_zero:
+            self.export(pl_module, int(checkpoint["global_step"]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.export(pl_module, trainer.global_step)
+
+    def export(self, model: pl.LightningModule, step: int) -> None:
+        if step == self.exported_step:
+            return
+        config = model.run_config or {}
+        try:
+            export_trained(model, config, self.folder, step, self.formats)
+            save_adapter(model, config, self.folder / "adapter.safetensors")
+        except OSError as err:
+            raise CheckpointWriteError(f"cannot write the export of step {step} in {self.folder}: {err.strerror or err}") from None
+        self.exported_step = step
+
+
+# ------------------------------------------------------------------ monitoring
+class StepTime(pl.Callback):
+    """Logs ``train/step_time``: seconds of compute per optimisation step (all its micro-batches).
+
+    Measured from the start of the step's first batch to the end of its last (forward,
+    backward, optimiser), so data loading, previews and checkpoints are not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._start is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        pl_module.log("train/step_time", time.perf_counter() - self._start, on_step=True, on_epoch=False, batch_size=1)
+        self._start = None
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Progress in optimisation steps out of ``max_steps``.
+
+    A run is one endless epoch bounded by ``max_steps``; Lightning's bars count the batches of
+    an epoch and show ``Epoch 0/-2``.
+    """
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("step")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if bar is not None and not bar.disable and self._should_update(trainer.global_step, trainer.max_steps):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class ImageLogger(pl.Callback):
+    """Every ``batch_frequency`` steps, preview fixed prompts with a fixed seed and reference.
+
+    The same prompts, noise and reference (the first training photo, unflipped) at every
+    preview make the images comparable across steps. Writes
+    ``<logdir>/images/train/step-XXXXXX.png``, one row per prompt: the reference, then
+    ``max_images`` guided DDIM samples; the prompts go to the ``.txt`` beside it. The grid also
+    goes to every logger that takes images (TensorBoard, Weights & Biases).
+
+    Args:
+        logdir: run folder.
+        batch_frequency: steps between previews (0: never).
+        max_images: samples per prompt.
+        ddim_steps, guidance_scale: sampler settings (few steps keep previews cheap).
+        prompts: fixed prompts; each must contain the placeholder. Default: ``a photo of <S*>``.
+        seed: seed of the preview noise.
     """
 
     def __init__(
         self,
         logdir: str,
         batch_frequency: int = 50,
-        max_images: int = 4,
-        ddim_steps: int = 50,
+        max_images: int = 2,
+        ddim_steps: int = 20,
         guidance_scale: float = 7.5,
+        prompts: Sequence[str] | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.folder = Path(logdir) / "images" / "train"
@@ -37,6 +236,8 @@ class ImageLogger(pl.Callback):
         self.max_images = max_images
         self.ddim_steps = ddim_steps
         self.guidance_scale = guidance_scale
+        self.prompts = list(prompts) if prompts else None
+        self.seed = seed
 
     @rank_zero_only
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -44,23 +245,27 @@ class ImageLogger(pl.Callback):
         end_of_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if self.batch_frequency <= 0 or step % self.batch_frequency or not end_of_step:
             return
-        caption = batch["caption"][0]
+        prompts = self.prompts or [f"a photo of {placeholder_string(pl_module)}"]
         with torch.no_grad(), _eval_mode(pl_module):
-            images = self.sample(pl_module, caption, batch["reference_index"][:1], batch["reference_flip"][:1], step)
+            rows = [self.sample(pl_module, prompt) for prompt in prompts]
+        grid = make_grid((torch.cat(rows).float().clamp(-1, 1) + 1) / 2, nrow=self.max_images + 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:06d}.png"
-        save_image(make_grid((images.float().clamp(-1, 1) + 1) / 2, nrow=images.shape[0]), path)
-        path.with_suffix(".txt").write_text(caption + "\n")
-        logger.info("logged samples of '%s' to %s", caption, path)
+        save_image(grid, path)
+        path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
+        log_grid(trainer, grid, step, " | ".join(prompts))
+        logger.info("logged samples of %s to %s", prompts, path)
 
-    def sample(self, model: pl.LightningModule, caption: str, reference_index: torch.Tensor, reference_flip: torch.Tensor, seed: int) -> torch.Tensor:
-        """The reference (as the VAE sees it) followed by guided samples of ``caption``."""
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    def sample(self, model: pl.LightningModule, prompt: str) -> torch.Tensor:
+        """The reference (as the VAE sees it) followed by guided samples of ``prompt``."""
+        generator = torch.Generator(device=model.device).manual_seed(self.seed)
+        reference_index = torch.zeros(1, dtype=torch.long, device=model.device)
+        reference_flip = torch.zeros(1, dtype=torch.bool, device=model.device)
         reference_latent = model.cached_latent(reference_index, reference_flip, generator)
         samples, _ = sample_prompt(
             model,
             DDIMSampler(model),
-            caption,
+            prompt,
             reference_latent,
             n_samples=self.max_images,
             latent_shape=tuple(reference_latent.shape[1:]),
@@ -69,6 +274,21 @@ class ImageLogger(pl.Callback):
             generator=generator,
         )
         return torch.cat([model.decode_first_stage(reference_latent), samples])
+
+
+def placeholder_string(model: pl.LightningModule) -> str:
+    """The model's (first) placeholder string, S*."""
+    return next(iter(model.embedding_manager.string_to_token_dict))
+
+
+def log_grid(trainer: pl.Trainer, grid: torch.Tensor, step: int, caption: str) -> None:
+    """Send a preview grid (``[3, H, W]`` in [0, 1]) to the loggers that take images."""
+    for run_logger in trainer.loggers:
+        if isinstance(run_logger, TensorBoardLogger):
+            run_logger.experiment.add_image("previews", grid, step)
+            run_logger.experiment.add_text("previews/prompts", caption, step)
+        elif hasattr(run_logger, "log_image"):
+            run_logger.log_image(key="previews", images=[grid], step=step, caption=[caption])
 
 
 class _eval_mode:

@@ -68,7 +68,7 @@ def train(config: str, logdir: Path, precision: str, steps: int, base: Path | No
         "lightning.trainer.log_every_n_steps=1",
     ]  # fmt: skip
     argv += ["--actual_resume", str(base)] if base else ["random_base=true"]
-    opt, overrides = main.get_parser().parse_known_args(argv)
+    opt, overrides = main.parse_args(argv)
     run = main.setup_run(opt, overrides)
     timer = StepTimer()
     run.trainer.callbacks.append(timer)

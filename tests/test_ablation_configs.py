@@ -147,7 +147,7 @@ def image_attention_size(width: int) -> int:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_tiny_ablation_trains_one_step(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(main.RUN_TIME_VARIABLE, raising=False)
+    monkeypatch.delenv(main.RUN_DIR_VARIABLE, raising=False)
     _, layers, _, _ = EXPECTED[name]
     tiny = str(ROOT / "configs" / "vico-tiny.yaml")
     # setup passes its own --base first; argparse keeps the last one, the tiny config then the ablation.
