@@ -42,6 +42,7 @@ from ldm.modules.encoders.modules import CLIPTokenizer
 from ldm.util import (
     CheckpointError,
     check_stored_config,
+    find_base_checkpoint,
     get_obj_from_str,
     instantiate_from_config,
     read_checkpoint,
@@ -278,7 +279,7 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | 
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise UsageError(f"cannot apply the overrides {overrides}: {str(err).splitlines()[0]}") from None
     if opt.actual_resume is not None:
-        OmegaConf.update(config, BASE_CKPT, str(Path(opt.actual_resume).resolve()))
+        OmegaConf.update(config, BASE_CKPT, opt.actual_resume)
     if opt.init_word is not None:
         OmegaConf.update(config, INIT_WORDS, [opt.init_word])
     if opt.placeholder_string is not None:
@@ -286,8 +287,9 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | 
         OmegaConf.update(config, DATA_PLACEHOLDER, opt.placeholder_string)
     if opt.data_root is not None:
         OmegaConf.update(config, DATA_ROOT, opt.data_root)
-    if OmegaConf.select(config, DATA_ROOT):
-        OmegaConf.update(config, DATA_ROOT, str(Path(OmegaConf.select(config, DATA_ROOT)).resolve()))
+    for key in (DATA_ROOT, BASE_CKPT):  # relative to where the command runs; recorded absolute
+        if OmegaConf.select(config, key):
+            OmegaConf.update(config, key, str(Path(OmegaConf.select(config, key)).resolve()))
     seed = opt.seed if opt.seed is not None else config.get("seed", DEFAULT_SEED)
     config.seed = seed
     OmegaConf.update(config, "data.params.train.params.seed", seed)
@@ -306,10 +308,9 @@ def check_config(config: DictConfig) -> None:
         raise UsageError("no training photos: pass --data_root <folder>")
     base = OmegaConf.select(config, BASE_CKPT)
     if base:
-        if not Path(base).is_file():
-            raise CheckpointError(f"base checkpoint not found: {base}")
+        find_base_checkpoint(base)
     elif not config.get("random_base", False):
-        raise UsageError("no base model: pass --actual_resume <sd-v1-x.ckpt or .safetensors>")
+        raise UsageError("no base model: pass --actual_resume <sd-v1-x.ckpt, .safetensors or diffusers folder>")
     max_steps = OmegaConf.select(config, "lightning.trainer.max_steps", default=None)
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise UsageError(f"lightning.trainer.max_steps must be a positive number of steps, got {max_steps}")

@@ -248,3 +248,14 @@ def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
     # The two ranks saw different photos, so synchronised gradients are what kept them equal.
     assert rank0["items"] != rank1["items"]
     assert len(list(tmp_path.glob("*/checkpoints/last.ckpt"))) == 1
+
+
+# ---------------------------------------------------------------- placeholder
+def test_placeholder_string_sets_the_captions_and_the_model(tmp_path):
+    run = setup(tmp_path, "--placeholder_string", "sks", steps=1)
+    manager = run.model.embedding_manager
+    assert list(manager.string_to_token_dict) == ["sks"]
+    assert all("sks" in run.data.train_dataset[i]["caption"].split() for i in range(5))
+    before = manager.string_to_param_dict["sks"].detach().clone()
+    main.train(run)
+    assert not torch.equal(manager.string_to_param_dict["sks"], before)  # S* gets a gradient
