@@ -25,6 +25,7 @@ import platform
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def make_trainer(steps: int, log_dir: Path, name: str, callbacks: Sequence = (),
         callbacks=list(callbacks),
         enable_checkpointing=False,
         gradient_clip_val=gradient_clip,
-        log_every_n_steps=10,
+        log_every_n_steps=min(10, steps),
         enable_model_summary=False,
     )
 
@@ -249,6 +250,8 @@ def plot_curve(csv_path: Path, column: str, out: Path, title: str) -> None:
 
 
 def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
+    # The frozen parts (the autoencoder in stage 2, the text encoder's dropout-free holder) stay in eval mode.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     torch.set_num_threads(int(recipe.threads))
     model_config = OmegaConf.load(ROOT / recipe.model_config).model
     output = ROOT / recipe.output_dir

@@ -357,7 +357,7 @@ def draw_background(scene: str, xs: Array, ys: Array, size: int, rng: np.random.
 
 
 # ------------------------------------------------------------------ rendering
-def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 4, subject: str | None = None) -> Rendering:
+def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 2, subject: str | None = None) -> Rendering:
     """Draw a scene: background, then the main object, then the second object on top.
 
     Args:

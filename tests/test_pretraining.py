@@ -1,0 +1,137 @@
+"""Pretraining of a base model (the miniature world's): the losses, what trains, the latent rescale, the CLI."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors import safe_open
+
+from ldm.data.miniworld import WorldSampler, render
+from ldm.models.pretraining import (
+    AutoencoderPretraining,
+    TextToImagePretraining,
+    normalise_latent_scale,
+    to_signed,
+    warmup_cosine,
+)
+from ldm.util import instantiate_from_config
+from scripts import miniworld
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "vico-tiny.yaml"
+
+
+def scenes(count: int) -> torch.Tensor:
+    sampler = WorldSampler()
+    return torch.from_numpy(np.stack([render(sampler.scene(seed)).image for seed in range(count)]))
+
+
+def test_warmup_cosine_schedule():
+    factor = warmup_cosine(10, 110, final_fraction=0.1)
+    assert factor(0) == pytest.approx(0.1) and factor(9) == pytest.approx(1.0)
+    assert factor(10) == pytest.approx(1.0) and factor(60) == pytest.approx(0.55)
+    assert factor(110) == pytest.approx(0.1) and factor(500) == pytest.approx(0.1)
+
+
+def test_latent_rescale_is_exact_and_gives_unit_variance():
+    torch.manual_seed(0)
+    autoencoder = instantiate_from_config(OmegaConf.load(TINY).model.params.first_stage_config).eval()
+    images = scenes(8)
+    x = to_signed(images)
+    with torch.no_grad():
+        before = autoencoder.decode(autoencoder.encode(x).mode())
+        mean_before = autoencoder.encode(x).mean
+    c = normalise_latent_scale(autoencoder, images, scale_factor=0.5)
+    with torch.no_grad():
+        posterior = autoencoder.encode(x)
+        after = autoencoder.decode(posterior.mode())
+        torch.manual_seed(1)
+        sample = posterior.sample()
+    torch.testing.assert_close(posterior.mean, c * mean_before, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    assert 0.5 * sample.std().item() == pytest.approx(1.0, rel=0.1)
+
+
+def test_autoencoder_step_trains_on_crops():
+    torch.manual_seed(0)
+    autoencoder = instantiate_from_config(OmegaConf.load(TINY).model.params.first_stage_config)
+    module = AutoencoderPretraining(autoencoder, learning_rate=1e-3, crop_size=32)
+    batch = scenes(2)
+    assert module.crop(to_signed(batch)).shape == (2, 3, 32, 32)
+    module.log_dict = module.log = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in autoencoder.parameters())
+
+
+def test_text_to_image_step_trains_unet_and_text_encoder_only():
+    torch.manual_seed(0)
+    config = OmegaConf.to_container(OmegaConf.load(TINY).model)
+    config["params"]["unet_config"]["params"]["image_attention_layers"] = []
+    model = instantiate_from_config(config)
+    empty = model.cond_stage_model.tokenizer([""])[0]
+    module = TextToImagePretraining(model, learning_rate=1e-3, empty_tokens=empty, caption_dropout=0.5)
+    module.log_dict = module.log = lambda *a, **k: None
+    tokens = model.cond_stage_model.tokenizer(["a photo of a red ring on the beach"] * 4)
+    batch = (torch.randn(4, 4, 16, 16), torch.rand(4, 4, 16, 16) * 0.1, tokens)
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.model.diffusion_model.input_blocks[0][0].weight.grad is not None
+    assert model.cond_stage_model.token_embedding.weight.grad is not None
+    assert all(p.grad is None for p in model.first_stage_model.parameters())
+    assert not any(p.requires_grad for p in model.embedding_manager.parameters())
+
+
+def test_min_snr_weights():
+    config = OmegaConf.to_container(OmegaConf.load(TINY).model)
+    model = instantiate_from_config(config)
+    module = TextToImagePretraining(model, 1e-3, model.cond_stage_model.tokenizer([""])[0], snr_gamma=5.0)
+    t = torch.tensor([0, 500, 999])
+    alpha = model.alphas_cumprod[t]
+    snr = alpha / (1 - alpha)
+    torch.testing.assert_close(module.loss_weights(t), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    assert module.loss_weights(torch.tensor([999])).item() == pytest.approx(1.0)  # low SNR: full weight
+
+
+def test_make_concept_writes_photos_masks_and_spec(tmp_path):
+    spec = ROOT / "configs" / "miniworld" / "concepts" / "sunset_ring.yaml"
+    assert miniworld.main(["make-concept", str(spec), "--out", str(tmp_path / "c"), "--count", "3"]) == 0
+    photos = sorted((tmp_path / "c").glob("*.png"))
+    masks = sorted((tmp_path / "c" / "masks").glob("*.png"))
+    assert [p.name for p in photos] == [m.name for m in masks] == ["00.png", "01.png", "02.png"]
+    assert np.asarray(Image.open(photos[0])).shape == (64, 64, 3)
+    assert OmegaConf.load(tmp_path / "c" / "concept.yaml").name == "sunset_ring"
+
+
+def test_make_concept_bad_spec_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nshape: blob\nparts: [{colour: red}, {colour: blue}]\n")
+    assert miniworld.main(["make-concept", str(bad), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "unknown shape 'blob'" in err and "\n" not in err
+
+
+def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
+    """Both stages for a few steps on 32 scenes; the result loads through the SD base loader."""
+    overrides = [
+        "model_config=configs/vico-tiny.yaml", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
+        "scenes=32", "autoencoder.scenes=32", "autoencoder.steps=2", "autoencoder.batch_size=8",
+        "diffusion.steps=2", "diffusion.batch_size=8",
+    ]  # fmt: skip
+    assert miniworld.main(["pretrain", *overrides]) == 0
+    base = tmp_path / "out" / "base.safetensors"
+    with safe_open(str(base), "pt") as handle:
+        assert handle.metadata()["format"] == miniworld.BASE_FORMAT
+        table = handle.get_tensor("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight")
+    assert table.dtype == torch.float16
+    used = table.abs().sum(-1) > 0
+    assert 10 < used.sum() < 200  # only the world's words (and start/end) keep their rows
+    config = OmegaConf.load(TINY)
+    config.model.params.ckpt_path = str(base)
+    instantiate_from_config(config.model)  # strict: every UNet, VAE and text key present with its shape
+    assert (tmp_path / "out" / "pretraining.json").is_file() and (tmp_path / "out" / "diffusion-curve.png").is_file()
