@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import pickle
 import re
-from collections.abc import Iterable, Mapping
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ldm.models import diffusers_layout
 
 logger = logging.getLogger(__name__)
 
@@ -155,36 +160,314 @@ def _torch_load(path: Path) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a ``.ckpt``/``.pt`` (safely, ``weights_only=True``) or ``.safetensors`` file."""
-    path = Path(path)
+#: The first bytes of a legacy (pre-zip) ``torch.save`` file: the pickled magic number.
+_LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON object."""
+    return len(head) > 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _zip_members(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: not a readable checkpoint (a truncated or corrupted zip archive: {err})") from None
+
+
+def is_torchscript_archive(members: Iterable[str]) -> bool:
+    """Whether zip ``members`` are a TorchScript archive (``<name>/code/...``) rather than ``torch.save`` data."""
+    return any(name.split("/")[1:2] == ["code"] for name in members)
+
+
+def checkpoint_format(path: Path) -> str:
+    """What a file is, from its first bytes: ``safetensors``, ``torch-zip``, ``torchscript`` or ``torch-legacy``.
+
+    Raises:
+        CheckpointError: a directory, an empty file or bytes of no known weight format.
+    """
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: is empty (0 bytes), not a checkpoint")
+    with open(path, "rb") as handle:
+        head = handle.read(len(_LEGACY_TORCH_MAGIC))
+    if _is_safetensors(head, size):
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        members = _zip_members(path)
+        if is_torchscript_archive(members):
+            return "torchscript"
+        if any(name.endswith("data.pkl") for name in members):
+            return "torch-zip"
+        raise CheckpointError(f"{path}: not a checkpoint (a zip archive without PyTorch's data.pkl)")
+    if head == _LEGACY_TORCH_MAGIC:
+        return "torch-legacy"
+    raise CheckpointError(
+        f"{path}: not a checkpoint (neither a PyTorch .ckpt/.pt/.bin file nor safetensors; is it the right file?)"
+    )
+
+
+def _unpickling_refusal(err: Exception) -> str | None:
+    """The global a ``weights_only`` load refused, if that is why it failed."""
+    match = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) ([\w.]+)", str(err))
+    return match.group(1) if match else None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a ``.ckpt``/``.pt``/``.bin`` (safely, ``weights_only=True``) or ``.safetensors`` file.
+
+    The format is recognised from the file's first bytes, not its name. A TorchScript archive
+    is refused without being opened (loading it runs its code).
+    """
+    path = Path(path)
+    kind = checkpoint_format(path)
+    if kind == "safetensors":
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if kind == "torchscript":
+        raise CheckpointError(
+            f"{path}: a TorchScript archive (a program, not a checkpoint of weights); it is not loaded, "
+            f"since loading it would run its code"
+        )
     try:
         content = _torch_load(path)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused to unpickle ({first_line})") from None
-    except Exception as err:  # noqa: BLE001 - bytes that are no pickle fail in arbitrary ways (IndexError, KeyError, ...)
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint ({detail})") from None
+    except Exception as err:  # noqa: BLE001 - corrupt pickles fail in arbitrary ways (IndexError, KeyError, ...)
+        refused = _unpickling_refusal(err)
+        if refused:
+            raise CheckpointError(
+                f"{path}: refused to unpickle '{refused}' (only tensors and plain data are read; a checkpoint "
+                f"naming other code may try to run it)"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (corrupted or truncated? {_first_line(err)})") from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(content).__name__}")
     return content
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint (the ``state_dict`` entry of Lightning files)."""
+    """The model weights of a checkpoint (the ``state_dict`` entry of Lightning files), or of a
+    diffusers folder (``unet/``, ``vae/``, ``text_encoder/``) renamed to CompVis keys."""
+    path = Path(path)
+    if path.is_dir():
+        return read_diffusers_folder(path)
     content = read_checkpoint(path)
     state_dict = content.get("state_dict", content)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: no state_dict of tensors found")
     return state_dict
+
+
+# ------------------------------------------------------------- TorchScript
+#: Storage classes a TorchScript archive may name, and their element types.
+_SCRIPT_STORAGES = {
+    f"{name}Storage": dtype
+    for name, dtype in {
+        "Float": torch.float32, "Double": torch.float64, "Half": torch.float16, "BFloat16": torch.bfloat16,
+        "Long": torch.int64, "Int": torch.int32, "Short": torch.int16, "Char": torch.int8,
+        "Byte": torch.uint8, "Bool": torch.bool,
+    }.items()
+}  # fmt: skip
+
+
+class _ScriptObject:
+    """A TorchScript object (a module) read as data: the state it was saved with, never its code."""
+
+    qualified_name = "__torch__"
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
+    return storage.as_strided(size, stride, offset)
+
+
+def _identity(value: Any, *_: Any) -> Any:
+    return value
+
+
+class _ScriptArchiveUnpickler(pickle.Unpickler):
+    """Reads ``data.pkl`` of a TorchScript archive: tensors, plain data and module objects as
+    :class:`_ScriptObject`; any other global is refused, and no method of the archive runs."""
+
+    _FUNCTIONS = {
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("collections", "OrderedDict"): dict,
+        ("torch.jit._pickle", "restore_type_tag"): _identity,
+        **{("torch.jit._pickle", f"build_{kind}list"): list for kind in ("int", "double", "bool", "tensor")},
+    }
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, source: Path):
+        super().__init__(archive.open(f"{prefix}data.pkl"))
+        self.archive, self.prefix, self.source = archive, prefix, source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "__torch__" or module.startswith("__torch__."):
+            return type(name, (_ScriptObject,), {"qualified_name": f"{module}.{name}"})
+        if module == "torch" and name in _SCRIPT_STORAGES:
+            return _SCRIPT_STORAGES[name]
+        if (module, name) in self._FUNCTIONS:
+            return self._FUNCTIONS[(module, name)]
+        raise CheckpointError(f"{self.source}: refused to read '{module}.{name}' from a TorchScript archive")
+
+    def persistent_load(self, pid: Any) -> torch.Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise CheckpointError(f"{self.source}: unexpected storage reference in its TorchScript archive")
+        _, dtype, key, _location, numel = pid
+        raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+        storage = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        if storage.numel() != numel:
+            raise CheckpointError(f"{self.source}: storage {key} of its TorchScript archive is truncated")
+        return storage
+
+
+def _script_tensors(node: Any, prefix: str, source: Path) -> Iterable[tuple[str, torch.Tensor]]:
+    if isinstance(node, torch.Tensor):
+        yield prefix.rstrip("."), node
+    elif isinstance(node, _ScriptObject):
+        state = getattr(node, "state", None)
+        if not isinstance(state, dict):
+            raise CheckpointError(
+                f"{source}: '{node.qualified_name}' of its TorchScript archive keeps a custom state that only "
+                f"its own code can read; use a plain state-dict or safetensors file of the same weights"
+            )
+        for name, value in state.items():
+            yield from _script_tensors(value, f"{prefix}{name}.", source)
+
+
+def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive (``torch.jit.save``), read without running its code.
+
+    ``torch.jit.load`` compiles and runs the archive's code (a ``__setstate__`` can do anything).
+    Here only ``data.pkl`` is unpickled, by an unpickler that builds tensors, plain containers
+    and inert module objects; the result names every tensor attribute by its module path
+    (``visual.conv1.weight``): the parameters and buffers, and any other tensor attribute.
+    """
+    path = Path(path)
+    if checkpoint_format(path) != "torchscript":
+        raise CheckpointError(f"{path}: not a TorchScript archive")
+    with zipfile.ZipFile(path) as archive:
+        members = archive.namelist()
+        prefix = next((name[: -len("data.pkl")] for name in members if name.endswith("/data.pkl")), None)
+        if prefix is None:
+            raise CheckpointError(f"{path}: a TorchScript archive without data.pkl")
+        if f"{prefix}byteorder" in members and archive.read(f"{prefix}byteorder").strip() != b"little":
+            raise CheckpointError(f"{path}: a big-endian TorchScript archive is not supported")
+        try:
+            root = _ScriptArchiveUnpickler(archive, prefix, path).load()
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a damaged pickle fails in arbitrary ways
+            raise CheckpointError(f"{path}: not a readable TorchScript archive ({_first_line(err)})") from None
+    return dict(_script_tensors(root, "", path))
+
+
+# ------------------------------------------------------------ diffusers layout
+#: Weight files of each part of a diffusers folder, in order of preference.
+DIFFUSERS_PARTS = {
+    "unet": ("diffusion_pytorch_model",),
+    "vae": ("diffusion_pytorch_model",),
+    "text_encoder": ("model", "pytorch_model"),
+}
+_DIFFUSERS_SUFFIXES = (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin")
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder with at least one part of the diffusers layout."""
+    path = Path(path)
+    return path.is_dir() and any((path / part).is_dir() for part in DIFFUSERS_PARTS)
+
+
+def _diffusers_part_file(folder: Path, part: str) -> Path:
+    directory = folder / part
+    if not directory.is_dir():
+        raise CheckpointError(f"{folder}: a diffusers folder needs unet/, vae/ and text_encoder/; {part}/ is missing")
+    for stem in DIFFUSERS_PARTS[part]:
+        for suffix in _DIFFUSERS_SUFFIXES:
+            if (directory / f"{stem}{suffix}").is_file():
+                return directory / f"{stem}{suffix}"
+    if any(directory.glob("*.index.json")):
+        raise CheckpointError(f"{directory}: sharded weights are not supported; merge them into one file")
+    expected = " or ".join(f"{stem}.safetensors/.bin" for stem in DIFFUSERS_PARTS[part])
+    raise CheckpointError(f"{directory}: no weights file ({expected})")
+
+
+def find_base_checkpoint(path: str | Path) -> Path:
+    """Check that ``path`` is a base checkpoint file or a complete diffusers folder; return it.
+
+    Only names are checked (nothing is read), so this is the quick start-up check.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not is_diffusers_folder(path):
+            raise CheckpointError(
+                f"{path}: is a directory, neither a checkpoint file nor a diffusers folder (unet/, vae/, text_encoder/)"
+            )
+        for part in DIFFUSERS_PARTS:
+            _diffusers_part_file(path, part)
+    elif not path.is_file():
+        raise CheckpointError(f"base checkpoint not found: {path}")
+    return path
+
+
+def read_diffusers_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """SD v1 weights of a diffusers folder under CompVis keys (:mod:`ldm.models.diffusers_layout`)."""
+    folder = find_base_checkpoint(folder)
+    converters = {
+        "unet": diffusers_layout.unet_to_compvis,
+        "vae": diffusers_layout.vae_to_compvis,
+        "text_encoder": diffusers_layout.text_encoder_to_compvis,
+    }
+    state_dict: dict[str, torch.Tensor] = {}
+    for part, convert in converters.items():
+        file = _diffusers_part_file(folder, part)
+        tensors = read_state_dict(file)
+        state_dict.update(convert(tensors))
+        logger.debug("%s: %d tensors from %s", folder, len(tensors), file)
+    return state_dict
+
+
+def shared_file_mode() -> int:
+    """The permissions of a new file that others may read, as the umask allows (``0o644`` for
+    the usual ``022``); temporary files are created ``0o600``, which must not survive a rename."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Write a file for sharing: ``write(temporary)`` in the destination folder, fsync, then
+    rename over ``path`` with :func:`shared_file_mode`. Readers never see a partial file; on
+    any failure the partial file is removed and a previous ``path`` is kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, shared_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
@@ -216,17 +499,33 @@ def check_state_dict(
     path: str | Path,
     required_keys: Iterable[str],
 ) -> None:
-    """Raise :class:`CheckpointError` for a missing required key or any shape mismatch."""
+    """Raise :class:`CheckpointError` for a missing required key, a shape mismatch, or values
+    that would silently give black images: integers where the model holds floats (they are
+    cast on loading), NaN or infinity."""
     missing = sorted(k for k in required_keys if k not in found)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing key '{missing[0]}'{more}")
     for key, value in found.items():
-        if key in expected and tuple(value.shape) != tuple(expected[key].shape):
+        if key not in expected:
+            continue
+        if tuple(value.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{path}: key '{key}' has shape {list(value.shape)} but the model expects "
                 f"{list(expected[key].shape)}; is this a checkpoint of another base model?"
             )
+        check_tensor_values(key, value, expected[key].is_floating_point(), path)
+
+
+def check_tensor_values(key: str, value: torch.Tensor, floating: bool, path: str | Path) -> None:
+    """Refuse integer values for a floating-point weight and non-finite values anywhere."""
+    if floating and not value.is_floating_point():
+        raise CheckpointError(
+            f"{path}: key '{key}' holds {str(value.dtype).removeprefix('torch.')} values; "
+            f"weights must be floating point (a damaged or wrongly converted file?)"
+        )
+    if value.is_floating_point() and value.device.type != "meta" and not bool(torch.isfinite(value).all()):
+        raise CheckpointError(f"{path}: key '{key}' holds NaN or infinite values (a damaged or diverged file?)")
 
 
 def load_base_checkpoint(model: nn.Module, path: str | Path) -> None:

@@ -270,14 +270,70 @@ class _ScriptedWeights(nn.Module):
         return self.proj(x)
 
 
+class _ScriptedBlock(nn.Module):
+    """A block of OpenAI's text transformer: its causal mask is a plain tensor attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2)
+        self.attn_mask = torch.full((3, 3), float("-inf")).triu(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask)[0]
+
+
+@pytest.fixture
+def no_torchscript_execution(monkeypatch):
+    """Fails the test if anything compiles or runs a TorchScript archive."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load ran the archive's code")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(torch._C, "import_ir_module", refuse)
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, the files are not
-def test_torchscript_archive_weights_are_read(tmp_path: Path) -> None:
+def test_torchscript_archive_weights_are_read_without_running_it(tmp_path: Path, no_torchscript_execution) -> None:
     module = _ScriptedWeights()
+    module.block = _ScriptedBlock()
     path = tmp_path / "ViT-B-32.pt"
     torch.jit.script(module).save(str(path))
     state = read_weights(path, "test", "test.pt")
-    assert set(state) == {"proj.weight", "proj.bias"}
-    assert torch.equal(state["proj.weight"], module.proj.weight)
+    expected = {k: v for k, v in module.state_dict().items() if k in {"proj.weight", "proj.bias"} or k.startswith("block.")}
+    assert set(state) == set(expected)  # input_resolution, context_length, vocab_size and block.attn_mask dropped
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+
+
+class _SelfWritingModule(nn.Module):
+    """A TorchScript module whose ``__setstate__`` runs at ``torch.jit.load`` (it could write files)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(2))
+
+    @torch.jit.export
+    def __getstate__(self) -> tuple[torch.Tensor, bool]:
+        return (self.weight, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]) -> None:
+        self.weight = state[0] * 0
+        self.training = state[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_torchscript_code_never_runs(tmp_path: Path, no_torchscript_execution) -> None:
+    path = tmp_path / "ViT-B-32.pt"
+    torch.jit.script(_SelfWritingModule()).save(str(path))
+    with pytest.raises(ValueError) as caught:
+        read_weights(path, "CLIP ViT-B/32", "ViT-B-32.pt")
+    message = str(caught.value)
+    assert "ViT-B-32.pt" in message and "custom state" in message and "\n" not in message
 
 
 def test_wrong_model_weights_name_file_and_key(tmp_path: Path) -> None:

@@ -11,8 +11,6 @@ local weight files; nothing is downloaded. ``docs/EVALUATION.md`` says which fil
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,12 +21,11 @@ import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from timm.data import create_transform, resolve_data_config
 from torch import Tensor, nn
 
 from ldm.data.images import load_image, to_rgb
+from ldm.util import CheckpointError, checkpoint_format, read_checkpoint, read_torchscript_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +132,6 @@ def open_image(image: ImageInput) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------- weights
-def _is_torchscript(path: Path) -> bool:
-    """TorchScript archives are zip files with a ``<name>/code/`` folder; ``torch.save`` files have none."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
-
-
 def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """Remove ``prefix`` when every key carries it."""
     if all(k.startswith(prefix) for k in state_dict):
@@ -151,12 +140,14 @@ def _strip_prefix(state_dict: Mapping[str, Tensor], prefix: str) -> dict[str, Te
 
 
 def read_weights(path: str | Path, what: str, download: str) -> dict[str, Tensor]:
-    """Read a state dict of tensors from a local file.
+    """Read a state dict of tensors from a local file, without running any code of the file.
 
     Accepted: ``.safetensors``; ``torch.save`` files (read with ``weights_only=True``), a plain
-    state dict or one under ``"state_dict"``; TorchScript archives (OpenAI's CLIP ``.pt``),
-    whose weights are read with ``torch.jit.load``. A ``module.`` prefix (DataParallel) on
-    every key is removed.
+    state dict or one under ``"state_dict"``; TorchScript archives (OpenAI's CLIP ``.pt``), whose
+    tensors are read by :func:`ldm.util.read_torchscript_tensors` (its code is never compiled or
+    run; the archive's non-weight tensors ``input_resolution``, ``context_length``,
+    ``vocab_size`` and ``attn_mask`` are dropped). A ``module.`` prefix (DataParallel) on every
+    key is removed.
 
     Args:
         path: the file.
@@ -170,26 +161,16 @@ def read_weights(path: str | Path, what: str, download: str) -> dict[str, Tensor
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} weights not found: {path} (download {download}; see docs/EVALUATION.md)")
-    if path.suffix == ".safetensors":
-        try:
-            content = load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
-    elif _is_torchscript(path):
-        try:
-            scripted = torch.jit.load(str(path), map_location="cpu")
-        except RuntimeError as err:
-            first_line = str(err).strip().splitlines()[0]
-            raise ValueError(f"{path}: not a readable TorchScript archive ({first_line})") from None
-        content = {k: v for k, v in scripted.state_dict().items() if k not in _TORCHSCRIPT_EXTRAS}
-    else:
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as err:
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ValueError(f"{path}: not a readable {what} weights file ({first_line})") from None
-        if isinstance(content, dict):
-            content = content.get("state_dict", content)
+    try:
+        if checkpoint_format(path) == "torchscript":
+            content = read_torchscript_tensors(path)
+            content = {k: v for k, v in content.items() if k.rpartition(".")[2] not in _TORCHSCRIPT_EXTRAS}
+        else:
+            content = read_checkpoint(path)
+    except CheckpointError as err:
+        raise ValueError(f"{err} (expected {what} weights: {download})") from None
+    if isinstance(content, dict):
+        content = content.get("state_dict", content)
     if not isinstance(content, dict) or not content or not all(isinstance(v, Tensor) for v in content.values()):
         raise ValueError(f"{path}: no state dict of tensors found (expected {download})")
     return _strip_prefix(content, "module.")
