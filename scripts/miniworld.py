@@ -48,7 +48,7 @@ from ldm.models.pretraining import (  # noqa: E402
     normalise_latent_scale,
     to_signed,
 )
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import CheckpointError, instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger("miniworld")
 
@@ -290,6 +290,49 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
     return output / "base.safetensors"
 
 
+# ------------------------------------------------------------ world classifier
+def add_classifier_parser(commands) -> None:
+    from ldm.evaluation.miniworld_training import ClassifierRecipe
+
+    defaults = ClassifierRecipe()
+    parser = commands.add_parser("train-classifier", help="train the world classifier the evaluation scores with")
+    parser.add_argument("--out", default=str(ROOT / "models" / "miniworld" / "classifier.safetensors"),
+                        help="weights; the report goes beside them as .json")
+    parser.add_argument("--base", default=str(ROOT / "models" / "miniworld" / "base.safetensors"),
+                        help="base model whose autoencoder reconstructs part of the training pictures (if the file exists)")
+    parser.add_argument("--no_autoencoder", action="store_true", help="train on renders only, even if the base model exists")
+    parser.add_argument("--scenes", type=int, default=defaults.scenes, help="rendered training pictures")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the scenes, augmentation and training")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--cache_dir", default="outputs/miniworld-cache", help="where rendered pictures are cached")  # fmt: skip
+
+
+def train_classifier_command(args: argparse.Namespace, command: str) -> None:
+    """``train-classifier``: render, train, write the weights and the report (held-out accuracy per head)."""
+    from ldm.evaluation.miniworld_training import ClassifierRecipe, load_autoencoder, train_classifier, write_classifier
+
+    for name in ("scenes", "steps", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    recipe = ClassifierRecipe(scenes=args.scenes, steps=args.steps, seed=args.seed)
+    use_autoencoder = not args.no_autoencoder and Path(args.base).is_file()
+    if not use_autoencoder and not args.no_autoencoder:
+        logger.warning("no base model at %s: training on renders only (no autoencoder round trips)", args.base)
+    try:
+        autoencoder = load_autoencoder(args.base, ROOT / "configs" / "miniworld" / "base.yaml") if use_autoencoder else None
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    concepts = [ConceptSpec.load(path) for path in sorted((ROOT / "configs" / "miniworld" / "concepts").glob("*.yaml"))]
+    model, report = train_classifier(
+        recipe, concepts, autoencoder, args.base if use_autoencoder else None, Path(args.cache_dir)
+    )
+    record = write_classifier(model, report, Path(args.out), command)
+    logger.info("held-out accuracy: %s", ", ".join(f"{k} {v:.3f}" for k, v in report.heldout_accuracy.items()))
+    logger.info("world classifier: %s (report %s)", args.out, record)
+
+
 # ----------------------------------------------------------------------- CLI
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
@@ -308,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", default=str(DEFAULT_RECIPE), help="pretraining recipe")
     train.add_argument("--stage", choices=("all", "vae", "ldm"), default="all", help="which stage(s) to run")
     train.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. diffusion.steps=100")
+    add_classifier_parser(commands)
     return parser
 
 
@@ -325,6 +369,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(str(err)) from None
             paths = make_concept(spec, Path(args.out), args.count, args.seed)
             logger.info("%d photos of the concept in %s", len(paths), args.out)
+            return 0
+        if args.command == "train-classifier":
+            train_classifier_command(args, "python scripts/miniworld.py " + " ".join(argv))
             return 0
         if not Path(args.config).is_file():
             raise UsageError(f"recipe not found: {args.config}")

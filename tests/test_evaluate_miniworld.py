@@ -1,0 +1,224 @@
+"""scripts/evaluate_miniworld.py: end to end at tiny size on a random base; the measured claims on the shipped one.
+
+The tests of the claims (the base model draws what a prompt names; a short ViCo run raises
+object fidelity above the base model's; its S* mask finds the object) need the pretrained
+``models/miniworld/base.safetensors`` and the shipped world classifier; they skip without them.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+import main
+from ldm.data.miniworld import SCENES, ConceptSpec, concept_scene, render
+from ldm.evaluation.miniworld import HEADS, WorldClassifier, classify, load_classifier, save_classifier
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.util import instantiate_from_config, save_state_dict
+from scripts import evaluate_miniworld as ev
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_BASE = ROOT / "models" / "miniworld" / "base.safetensors"
+SHIPPED_CLASSIFIER = ROOT / "models" / "miniworld" / "classifier.safetensors"
+SPEC = ROOT / "configs" / "miniworld" / "concepts" / "sunset_ring.yaml"
+CONCEPT = "sunset_ring"
+needs_pretrained = pytest.mark.skipif(
+    not (SHIPPED_BASE.is_file() and SHIPPED_CLASSIFIER.is_file()),
+    reason="needs the pretrained base model and world classifier in models/miniworld/ (scripts/miniworld.py pretrain, train-classifier)",
+)
+
+
+@pytest.fixture(autouse=True)
+def fresh_run_time(monkeypatch):
+    monkeypatch.delenv(main.RUN_DIR_VARIABLE, raising=False)
+
+
+@pytest.fixture(scope="module")
+def random_world(tmp_path_factory) -> Path:
+    """A random base model of configs/miniworld/base.yaml and a random world classifier."""
+    folder = tmp_path_factory.mktemp("world")
+    config = OmegaConf.load(ev.BASE_CONFIG)
+    config.model.params.pop("ckpt_path", None)
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    main.fill_zero_initialised_weights(model)
+    save_state_dict(model.base_state_dict(), folder / "base.safetensors")
+    save_classifier(WorldClassifier(), folder / "classifier.safetensors")
+    return folder
+
+
+def argv(world: Path, outdir: Path, *extra: str) -> list[str]:
+    return [
+        "--base_ckpt", str(world / "base.safetensors"), "--classifier", str(world / "classifier.safetensors"),
+        "--outdir", str(outdir), "--concepts", str(SPEC), "--scenes", "beach", "--train_steps", "1",
+        "--ddim_steps", "2", "--n_samples", "2", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def evaluate(arguments: list[str]) -> list[dict]:
+    args = ev.build_parser().parse_args(arguments)
+    return ev.run(ev.prepare(args), load_classifier(args.classifier))
+
+
+@pytest.fixture(scope="module")
+def first_run(random_world, tmp_path_factory) -> tuple[Path, list[dict]]:
+    outdir = tmp_path_factory.mktemp("eval") / "out"
+    return outdir, evaluate(argv(random_world, outdir))
+
+
+def test_every_method_is_trained_sampled_and_scored(first_run):
+    outdir, rows = first_run
+    assert [row["method"] for row in rows] == list(ev.METHODS)
+    for row in rows:
+        assert row["num_generated"] == 2 and row["concept"] == CONCEPT
+        for key in ("object_fidelity", "shape", "colour_0", "notch", "prompt_fidelity"):
+            assert 0 <= row[key] <= 1, (row["method"], key)
+        assert -1 <= row["feature_similarity"] <= 1
+    with_mask = {row["method"] for row in rows if "mask_iou" in row}
+    assert with_mask == {"vico", "no-mask", "no-regularizer"}  # Textual Inversion has no image attention
+    vico = next(row for row in rows if row["method"] == "vico")
+    assert sorted(vico["mask_iou_layers"]) == [8, 10, 12, 14]
+    assert vico["grid"] == {8: [4, 4], 10: [8, 8], 12: [8, 8], 14: [16, 16]}
+    concept = outdir / CONCEPT
+    assert sorted(p.name for p in (concept / "photos").glob("*.png")) == [f"0{i}.png" for i in range(5)]
+    assert len(list((concept / "photos" / "masks").glob("*.png"))) == 5
+    for method in ev.METHODS:
+        assert sorted(p.name for p in (concept / method / "samples").iterdir()) == ["beach-s00.png", "beach-s01.png"]
+    for method in ("textual-inversion", "vico", "no-mask", "no-regularizer"):
+        record = json.loads((concept / method / "training.json").read_text())
+        assert main.read_resume_checkpoint(concept / method / record["checkpoint"]) == 1
+    assert (concept / "vico" / "attention.png").is_file()
+    with Image.open(concept / "sheet.png") as sheet:  # photos, scene names, one row per method
+        assert sheet.height == 2 + (2 + len(ev.METHODS)) * (64 + 2)
+
+
+def test_tables_and_files(first_run):
+    outdir, rows = first_run
+    table = (outdir / "table.md").read_text()
+    for method in ev.METHODS.values():
+        assert f"| {method.label} |" in table
+    assert "## Mean over concepts" in table and "a mask of every patch" in table and "layer 14 (16x16)" in table
+    with open(outdir / "scores.csv", newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    assert [(line["concept"], line["method"]) for line in lines] == [(CONCEPT, m) for m in ev.METHODS] + [
+        ("mean", m) for m in ev.METHODS
+    ]
+    report = json.loads((outdir / "scores.json").read_text())
+    assert report["settings"]["train_steps"] == 1 and len(report["rows"]) == len(rows)
+    assert json.loads((outdir / CONCEPT / "vico" / "scores.json").read_text())["method"] == "vico"
+
+
+def test_renderer_row_draws_the_concept_with_the_scene_seed(first_run):
+    outdir, _ = first_run
+    spec = ConceptSpec.load(SPEC)
+    seeds = np.random.SeedSequence(ev.scene_seed(23, CONCEPT, "beach")).generate_state(2)
+    with Image.open(outdir / CONCEPT / "renderer" / "samples" / "beach-s01.png") as image:
+        assert np.array_equal(np.asarray(image), render(concept_scene(spec, int(seeds[1]), "beach")).image)
+
+
+def test_resuming_keeps_what_is_done_and_adds_what_is_asked(first_run, random_world, tmp_path):
+    outdir = tmp_path / "moved"
+    shutil.copytree(first_run[0], outdir)  # the output folder may move: training records are relative
+    concept = outdir / CONCEPT
+    beach = concept / "vico" / "samples" / "beach-s00.png"
+    before = beach.stat().st_mtime_ns
+    runs = sorted((concept / "vico" / "runs").iterdir())
+    rows = evaluate(argv(random_world, outdir, "--scenes", "beach,snow", "--methods", "vico,base"))
+    assert beach.stat().st_mtime_ns == before
+    assert sorted((concept / "vico" / "runs").iterdir()) == runs  # not trained again
+    assert (concept / "vico" / "samples" / "snow-s01.png").is_file()
+    assert set(json.loads((concept / "vico" / "attention.json").read_text())["iou"]) == {"beach", "snow"}
+    assert [row["num_generated"] for row in rows] == [4, 4]
+
+
+def test_mistakes_are_one_line_errors(first_run, random_world, tmp_path, capsys):
+    cases = [
+        (argv(random_world, tmp_path / "a", "--methods", "vico,dreambooth"), "unknown method 'dreambooth'"),
+        (argv(random_world, tmp_path / "b", "--scenes", "moon"), "unknown scene 'moon'"),
+        (argv(tmp_path, tmp_path / "c"), "base model not found"),
+        (argv(random_world, tmp_path / "d", "--classifier", str(tmp_path / "none.safetensors")), "world classifier not found"),
+        (argv(random_world, first_run[0], "--train_steps", "2"), "train_steps=1, not 2"),
+        (argv(random_world, tmp_path / "e", "--photos", "1"), "--photos must be at least 2"),
+    ]
+    for arguments, message in cases:
+        assert ev.main(arguments) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------- measured claims
+def single_part_prompts() -> list[tuple[str, dict[str, int]]]:
+    """Prompts naming a single-part object and a scene, with the labels the classifier should read."""
+    cases = [("red", "circle", "beach"), ("blue", "square", "snow"), ("yellow", "star", "night"), ("green", "heart", "brick")]
+    return [
+        (
+            f"a photo of a {colour} {shape} {SCENES[scene]}",
+            {"shape": HEADS["shape"].index(shape), "colour_0": HEADS["colour_0"].index(colour), "scene": HEADS["scene"].index(scene)},
+        )
+        for colour, shape, scene in cases
+    ]
+
+
+def named_accuracy(base: Path, classifier: WorldClassifier, n_samples: int = 3) -> float:
+    """Mean accuracy of shape, colour and scene over samples of :func:`single_part_prompts`."""
+    model = ev.build_base_model(OmegaConf.load(ev.BASE_CONFIG).model)
+    model.load_base_checkpoint(str(base))
+    model.eval()
+    sampler = DDIMSampler(model)
+    right = []
+    for index, (prompt, labels) in enumerate(single_part_prompts()):
+        latents, _ = sampler.sample(
+            S=25, batch_size=n_samples, shape=(model.channels, model.image_size, model.image_size),
+            conditioning=model.get_learned_conditioning([prompt]), unconditional_guidance_scale=7.5,
+            unconditional_conditioning=model.get_learned_conditioning([""]),
+            generator=torch.Generator().manual_seed(index), verbose=False,
+        )  # fmt: skip
+        predicted = classify(classifier, model.decode_first_stage(latents).clamp(-1, 1)).labels
+        right += [float(np.mean(predicted[head] == value)) for head, value in labels.items()]
+    return float(np.mean(right))
+
+
+@needs_pretrained
+def test_base_model_draws_what_a_prompt_names(random_world):
+    classifier = load_classifier(SHIPPED_CLASSIFIER)
+    assert named_accuracy(SHIPPED_BASE, classifier) > 0.6
+    assert named_accuracy(random_world / "base.safetensors", classifier) < 0.35  # a random network fails
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory) -> dict[str, dict]:
+    """ViCo trained briefly on the concept from the shipped base, and the base model's row."""
+    outdir = tmp_path_factory.mktemp("pretrained") / "out"
+    rows = evaluate([
+        "--outdir", str(outdir), "--concepts", str(SPEC), "--methods", "base,vico", "--scenes", "beach,snow,grass",
+        "--train_steps", "150", "--ddim_steps", "25", "--n_samples", "4", "--device", "cpu",
+    ])  # fmt: skip
+    return {row["method"]: row for row in rows}
+
+
+def object_accuracy(row: dict) -> float:
+    """Mean accuracy of the concept's object attributes (a finer measure than all-right fidelity)."""
+    return float(np.mean([row[head] for head in ("shape", "colour_0", "pattern_0", "colour_1", "pattern_1", "notch")]))
+
+
+@needs_pretrained
+@pytest.mark.slow
+def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_run):
+    vico, base = pretrained_run["vico"], pretrained_run["base"]
+    assert object_accuracy(vico) > object_accuracy(base) + 0.1, (vico, base)
+    assert vico["object_fidelity"] >= base["object_fidelity"]
+
+
+@needs_pretrained
+@pytest.mark.slow
+def test_mask_iou_of_a_trained_concept_beats_a_random_network(pretrained_run, first_run):
+    trained = pretrained_run["vico"]["mask_iou"]
+    random_network = next(row for row in first_run[1] if row["method"] == "vico")["mask_iou"]
+    assert trained > 0.4 > random_network, (trained, random_network)
