@@ -73,6 +73,8 @@ def test_otsu_keeps_patches_exactly_at_the_chosen_threshold():
 def test_otsu_first_of_equal_thresholds_wins_and_zero_is_background():
     # Threshold 0.1 .. 0.9 all split {0, 0} | {1, 1}; the first wins, and 0 is never an object patch.
     assert otsu_mask(torch.tensor([[0.0, 1.0, 0.0, 1.0]])).tolist() == [[False, True, False, True]]
+    # With a single candidate (threshold 0) the authors' ``mask[mask > 0] = 1`` leaves 0 at 0.
+    assert otsu_mask(torch.tensor([[0.0, 0.5, 1.0]]), num_thresholds=1).tolist() == [[False, True, True]]
 
 
 # ------------------------------------------------------- reference stream (Eq. 2)
@@ -128,9 +130,13 @@ def test_image_attention_wiring():
     for layer in spatial_transformers(unet):
         if not layer.has_image_attention:
             continue
-        entry = seen.setdefault(layer.layer_index, {"text": []})
+        entry = seen.setdefault(layer.layer_index, {"text": [], "proj_out": []})
         text_block = layer.transformer_blocks[0]
         hooks.append(text_block.register_forward_hook(lambda _m, _a, out, e=entry: e["text"].append(out)))
+        hooks.append(layer.proj_out.register_forward_pre_hook(lambda _m, args, e=entry: e["proj_out"].append(args[0])))
+        hooks.append(
+            layer.image_cross_attention.register_forward_hook(lambda _m, _a, out, e=entry: e.update(image_out=out))
+        )
         hooks.append(
             layer.image_cross_attention.register_forward_pre_hook(
                 lambda _m, args, kwargs, e=entry: e.update(image_args=args, image_kwargs=kwargs), with_kwargs=True
@@ -153,6 +159,9 @@ def test_image_attention_wiring():
         assert torch.equal(seen[layer]["image_args"][0], noisy_tokens)
         assert torch.equal(kwargs["context"], reference_tokens)
         assert torch.equal(kwargs["mask"], record.mask) and kwargs["mask_mode"] == "logits"
+        # n'_t = A_I(n_t, c_I) replaces the noisy tokens (the block's own residuals, no other)
+        noisy_proj_in = seen[layer]["proj_out"][0]
+        assert torch.equal(noisy_proj_in.flatten(2).transpose(1, 2), seen[layer]["image_out"])
 
 
 # ------------------------------------------------------------ sampling (Sec. 3.4)
