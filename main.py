@@ -184,16 +184,16 @@ def parse_devices(gpus: str | None, num_processes: int) -> tuple[str, list[int] 
 # ------------------------------------------------------------------ configs
 @dataclass
 class Resume:
-    """Where ``-r`` points: the run folder, its checkpoint and its configs."""
+    """Where ``-r`` points: the run folder, its checkpoint and its configs (checked, in order)."""
 
     run: Path
     checkpoint: Path
-    configs: list[Path]
+    configs: list[DictConfig]
     step: int = 0
 
 
 def find_resume(resume: str) -> Resume:
-    """The run folder and checkpoint of ``-r``, which may name either."""
+    """The run folder, checkpoint and configs of ``-r``, which may name the folder or the checkpoint."""
     path = Path(resume)
     if path.is_file():
         run, checkpoint = path.parent.parent, path
@@ -206,7 +206,7 @@ def find_resume(resume: str) -> Resume:
         raise UsageError(f"cannot resume: {run} has no configs/*.yaml, so it is not a run folder written by main.py")
     if not checkpoint.is_file():
         raise UsageError(f"cannot resume: {checkpoint} not found")
-    return Resume(run, checkpoint, configs)
+    return Resume(run, checkpoint, [read_stored_config(path, run) for path in configs])
 
 
 def read_yaml(path: Path) -> DictConfig:
@@ -271,8 +271,7 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | 
         raise UsageError("give a config with --base (e.g. configs/vico.yaml) or a run to resume with -r")
     for bad in [b for b in opt.base if not Path(b).is_file()]:
         raise UsageError(f"config not found: {bad}")
-    stored = [read_stored_config(path, resume.run) for path in resume.configs] if resume else []
-    configs = [*stored, *(read_yaml(Path(p)) for p in opt.base)]
+    configs = [*(resume.configs if resume else []), *(read_yaml(Path(p)) for p in opt.base)]
     try:
         dotlist = OmegaConf.from_dotlist(overrides)
         config = OmegaConf.merge(*configs, dotlist)
@@ -353,7 +352,8 @@ def check_placeholders(config: Mapping[str, Any]) -> None:
             f"{placeholders} ({PLACEHOLDERS}): S* would never be trained; set both with --placeholder_string"
         )
     for name, callback in ((config.get("lightning") or {}).get("callbacks") or {}).items():
-        if callback is None or not issubclass(get_obj_from_str(callback["target"]), ImageLogger):
+        target = get_obj_from_str(callback["target"]) if callback is not None else None
+        if not (isinstance(target, type) and issubclass(target, ImageLogger)):
             continue
         for prompt in _params(callback).get("prompts") or []:
             if data_placeholder not in prompt:
@@ -408,7 +408,7 @@ def branch_reason(resume: Resume, config: DictConfig) -> str | None:
     """Why resuming cannot continue in the run's own folder (None: it can)."""
     if resume.checkpoint.name != "last.ckpt":
         return f"{resume.checkpoint.name} is not the run's latest checkpoint"
-    stored = OmegaConf.merge(*(read_stored_config(path, resume.run) for path in resume.configs))
+    stored = OmegaConf.merge(*resume.configs)
     stored.seed = stored.get("seed", DEFAULT_SEED)
     changed = changed_settings(stored, config)
     if changed:
@@ -505,7 +505,7 @@ def build_loggers(lightning: DictConfig, logdir: Path, session: str, name: str) 
             continue
         try:
             loggers.append(instantiate_from_config(_with_run_paths(node, logdir, session, name, "loggers")))
-        except (ImportError, ModuleNotFoundError) as err:
+        except ImportError as err:
             raise UsageError(
                 f"lightning.loggers.{key} ({node.target}) cannot start: {str(err).splitlines()[0]} "
                 f"(install it, or remove lightning.loggers.{key})"
@@ -517,8 +517,6 @@ def build_callbacks(lightning: DictConfig, logdir: Path, session: str, enable_pr
     nodes = [("modelcheckpoint", lightning.modelcheckpoint)]
     nodes += [("callbacks", node) for node in lightning.callbacks.values() if node is not None]
     callbacks = [instantiate_from_config(_with_run_paths(node, logdir, session, "", group)) for group, node in nodes]
-    for callback in callbacks[1:]:
-        logger.debug("callback %s", type(callback).__name__)
     return [*callbacks, StepProgressBar()] if enable_progress_bar else callbacks
 
 
@@ -593,7 +591,6 @@ class Run:
     config: DictConfig
     logdir: Path
     checkpoint: Path | None
-    started: str
 
 
 def choose_run_folder(
@@ -656,7 +653,7 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
     model.seed = config.seed
     model.learning_rate = learning_rate(config, opt, devices[1])
     model.run_config = OmegaConf.to_container(portable(config, logdir), resolve=True)
-    return Run(trainer, model, data, config, logdir, resume.checkpoint if resume else None, session)
+    return Run(trainer, model, data, config, logdir, resume.checkpoint if resume else None)
 
 
 # ------------------------------------------------------------------ training
@@ -672,6 +669,8 @@ def train(run: Run) -> None:
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     # A branched or moved run keeps no best-model paths of the old folder: there are none to keep.
     warnings.filterwarnings("ignore", message="The dirpath has changed from")
+    # Lightning 2.6 on torch >= 2.10 (nothing to act on).
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     os.environ[RUN_DIR_VARIABLE] = str(run.logdir)
     sigint = signal.getsignal(signal.SIGINT)
     try:

@@ -105,6 +105,7 @@ class ViCoCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, KeyboardInterrupt):
+            super().on_exception(trainer, pl_module, exception)  # saves only with save_on_exception
             return
         self.interrupted_at = trainer.global_step
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
@@ -194,6 +195,11 @@ class StepProgressBar(TQDMProgressBar):
         bar.reset(total=trainer.max_steps)
         bar.initial = bar.n = trainer.global_step
         bar.set_description("step")
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, int | str | float | dict[str, float]]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the session's time stamp, cut to its last characters
+        return metrics
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         bar = self.train_progress_bar
