@@ -215,8 +215,7 @@ def test_the_shipped_configs_pass_the_schema():
     combos = [[configs / "vico.yaml"], [configs / "vico-tiny.yaml"]]
     combos += [[configs / "vico.yaml", path] for path in sorted((configs / "ablations").glob("*.yaml"))]
     combos += [[configs / "vico-tiny.yaml", path] for path in sorted((configs / "ablations" / "tiny").glob("*.yaml"))]
-    if (configs / "miniworld" / "base.yaml").is_file():
-        combos.append([configs / "miniworld" / "base.yaml", configs / "miniworld" / "vico.yaml"])
+    combos.append([configs / "miniworld" / "base.yaml", configs / "miniworld" / "vico.yaml"])
     for paths in combos:
         config = OmegaConf.merge(*(OmegaConf.load(path) for path in paths))
         main.check_schema(OmegaConf.to_container(config, resolve=True))
