@@ -6,26 +6,41 @@ Examples::
     python sample.py --ckpt logs/my_toy/checkpoints/last.ckpt \\
         --ref data/monster_toy/00.jpg --prompt "a photo of * on the beach"
 
-    # an adapter export, several references (concatenated as reference tokens), prompts from a file
-    python sample.py --ckpt my_toy.safetensors --ref a.jpg b.jpg --from_file prompts.txt
+    # an adapter export, several references (concatenated as reference tokens), prompts from a
+    # file, another sampler and a negative prompt
+    python sample.py --ckpt my_toy.safetensors --ref a.jpg b.jpg --from_file prompts.txt \\
+        --sampler dpmpp_2m --ddim_steps 25 --negative_prompt "blurry, low quality"
 
     # the authors' release: either file of the pair (the sibling of the same step is found)
-    # or both, by repeating --ckpt
+    # or both, by repeating --ckpt; the base may be a file or a diffusers folder
     python sample.py --ckpt cross_attention-399.pt --ckpt embeddings_gs-399.pt \\
         --base_ckpt models/ldm/stable-diffusion-v1/sd-v1-4.ckpt --ref 00.jpg --prompt "a * toy"
 
-Outputs: ``<outdir>/samples/NNNNN.png`` (numbered after the files already there) and one grid
-per prompt, ``<outdir>/grid-<slug>.png``: one row per iteration, the reference image(s) at
-the left of the first row. ``--save_attention`` adds, for a few steps of the first iteration
-of each prompt, ``<outdir>/attention/<slug>-stepNNN-tTTTT.png``: one row per reference; the
-reference, then for each patched layer the S* attention map (upsampled, "hot" colours) and
-the reference inside its Otsu mask (paper Fig. 18).
+Prompt files: one prompt per line; ``prompt | negative prompt`` gives a line its own negative
+prompt (``--negative_prompt`` is the default of lines without one; a prompt cannot contain
+``|``). Empty lines are skipped.
 
-Reference images are centre-cropped and resized to the sampling size and encoded once with
-the autoencoder's posterior *mode* (no randomness). Every random number of a prompt comes
-from one CPU ``torch.Generator`` seeded with ``--seed`` at the start of that prompt, so the
-same arguments give the same images on the same machine, and a prompt's images do not
-depend on the prompts before it.
+Outputs, never overwriting anything: ``<outdir>/samples/NNNNN.png``, numbered after the
+highest number already there; one grid per prompt and run, ``<outdir>/grid-<slug>.png`` (or
+``grid-<slug>-2.png``, ... when taken): one row per iteration, the reference image(s) at the
+left of the first row. ``--save_attention`` adds, for a few steps of the first iteration of
+each prompt, ``<outdir>/attention/<slug>-stepNNN-tTTTT.png``: one row per reference; the
+reference, then for each patched layer the S* attention map (upsampled, "hot" colours) and the
+reference inside its Otsu mask (paper Fig. 18).
+
+Each PNG carries its settings as text chunks (``prompt``, ``negative_prompt``, ``seed``,
+``reference_seed``, ``sampler``, ``steps``, ``scale``, ``eta``, ``references``, ``checkpoint``,
+...) and ``regenerate``: the arguments that make this one image again, alone.
+
+Seeds: image ``j`` of a prompt (``j = iteration * n_samples + k``) draws all its noise from its
+own generator seeded with ``--seed + j``, so it does not depend on the other images of its
+batch or on earlier prompts. References follow the authors' code: squashed (resized whole,
+bilinear) to the sampling size and encoded as a *sample* of the VAE posterior, drawn for each
+iteration from ``--reference_seed`` (default ``--seed``) ``+ iteration * n_samples``.
+``--ref_resize crop`` centre-crops instead (bicubic, keeps the aspect ratio); ``--ref_latent
+mode`` takes the posterior mean (deterministic, the same for every iteration). To make image
+``j`` again alone: ``--seed <seed + j> --reference_seed <its reference seed> --n_samples 1
+--n_iter 1`` with the other settings unchanged, which is what its ``regenerate`` chunk says.
 
 Predictable mistakes print one ``error: ...`` line on stderr and exit with status 2.
 """
@@ -33,8 +48,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
+import math
 import re
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,15 +61,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
+from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from ldm.data.images import ImageError, load_image, to_tensor
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.data.images import ImageError, to_tensor
 from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.diffusion.plms import PLMSSampler
-from ldm.models.diffusion.sampling import encode_references, make_ddim_timesteps, sample_prompt
+from ldm.models.diffusion.ksamplers import SPACINGS
+from ldm.models.diffusion.samplers import DDIM_GRID_SAMPLERS, SAMPLERS, make_sampler
+from ldm.models.diffusion.sampling import (
+    REFERENCE_LATENTS,
+    REFERENCE_RESIZE,
+    load_reference_images,
+    make_ddim_timesteps,
+    sample_seeded,
+)
 from ldm.models.loading import (
     ViCoWeights,
     autoencoder_factor,
@@ -69,6 +94,8 @@ logger = logging.getLogger("sample")
 #: Fractions of the sampling run whose attention maps ``--save_attention`` draws.
 ATTENTION_STEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRID_PADDING = 2
+NEGATIVE_SEPARATOR = "|"
+SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 
 
 class UsageError(ValueError):
@@ -83,33 +110,64 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(description="Sample images of a learned concept S* with ViCo.")
+    parser = OneLineErrorParser(
+        description="Sample images of a learned concept S* with ViCo.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--ckpt", action="append", required=True,
         help="training checkpoint (.ckpt), adapter export (.safetensors), or the authors' "
         "cross_attention-<step>.pt / embeddings_gs-<step>.pt (one finds the other; or repeat --ckpt for both)",
-    )
+    )  # fmt: skip
     parser.add_argument("--ref", nargs="+", required=True, help="reference image(s); several are concatenated")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt; '*' stands for the learned concept")
-    prompts.add_argument("--from_file", help="a text file with one prompt per line")
+    prompts.add_argument(
+        "--from_file", help="a text file with one prompt per line, optionally 'prompt | negative prompt'"
+    )
+    parser.add_argument(
+        "--negative_prompt", default="", help="what guidance steers away from (the unconditional branch's text)"
+    )
     parser.add_argument("--outdir", default="outputs/samples", help="output folder")
     parser.add_argument("--n_samples", type=int, default=4, help="batch size: samples per iteration")
     parser.add_argument("--n_iter", type=int, default=1, help="iterations (grid rows) per prompt")
-    parser.add_argument("--ddim_steps", type=int, default=50, help="sampling steps")
-    parser.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    parser.add_argument("--plms", action="store_true", help="PLMS instead of DDIM (eta must be 0)")
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=None, help="sampler (default: ddim)")
+    parser.add_argument("--plms", action="store_true", help="the same as --sampler plms (CompVis flag)")
+    parser.add_argument("--ddim_steps", "--steps", dest="ddim_steps", type=int, default=50, help="sampling steps")
+    parser.add_argument(
+        "--ddim_eta", "--eta", dest="ddim_eta", type=float, default=None,
+        help="noise added at each step: DDIM eta (default 0 = deterministic) or Euler ancestral eta (default 1); "
+        "plms and dpmpp_2m are deterministic",
+    )  # fmt: skip
+    parser.add_argument(
+        "--spacing", choices=SPACINGS, default="uniform",
+        help="noise levels of dpmpp_2m and euler_a (karras: Karras et al.'s rho = 7 spacing)",
+    )  # fmt: skip
     parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale (1 = none)")
     parser.add_argument(
         "--H", type=int, help="image height (default: the model's latent size x the autoencoder factor)"
     )
     parser.add_argument("--W", type=int, help="image width (default: as --H)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed of every prompt")
+    parser.add_argument("--seed", type=int, default=42, help="seed of image 0 of every prompt; image j uses seed + j")
+    parser.add_argument(
+        "--reference_seed", type=int, default=None,
+        help="seed of the reference's posterior sample of iteration 0 (default: --seed); iteration i adds i * n_samples",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ref_resize", choices=tuple(REFERENCE_RESIZE), default="squash",
+        help="squash: resize the whole reference, bilinear (the authors'); crop: centre crop, bicubic (keeps the aspect ratio)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ref_latent", choices=REFERENCE_LATENTS, default="sample",
+        help="sample: a VAE posterior sample per iteration (the authors'); mode: the posterior mean (deterministic)",
+    )  # fmt: skip
     parser.add_argument(
         "--precision", choices=("full", "autocast"), default="full",
         help="autocast: bf16 (fp16 where bf16 is unsupported) on CUDA; not available on CPU",
+    )  # fmt: skip
+    parser.add_argument(
+        "--base_ckpt", help="base SD checkpoint or diffusers folder, overriding the one recorded in the config"
     )
-    parser.add_argument("--base_ckpt", help="base SD checkpoint, overriding the one recorded in the config")
     parser.add_argument("--config", help="model config, overriding the one stored with the weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
@@ -118,33 +176,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt and the negative prompt of its guidance."""
+
+    text: str
+    negative: str = ""
+
+
 @dataclass
 class Job:
     """Everything checked before the model is built."""
 
     weights: ViCoWeights
     config: DictConfig
-    prompts: list[str]
+    prompts: list[Prompt]
     references: np.ndarray
     height: int
     width: int
     factor: int
     device: torch.device
+    sampler: str
 
 
 # -------------------------------------------------------------- validation
-def read_prompts(args: argparse.Namespace) -> list[str]:
+def parse_prompt_line(line: str, default_negative: str) -> Prompt:
+    """``prompt`` or ``prompt | negative prompt`` (see the module docstring)."""
+    text, separator, negative = line.partition(NEGATIVE_SEPARATOR)
+    if NEGATIVE_SEPARATOR in negative:
+        raise UsageError(f"prompt line '{line}' has more than one '{NEGATIVE_SEPARATOR}'")
+    if not text.strip():
+        raise UsageError(f"prompt line '{line}' has no prompt before '{NEGATIVE_SEPARATOR}'")
+    return Prompt(text.strip(), negative.strip() if separator else default_negative)
+
+
+def read_prompts(args: argparse.Namespace) -> list[Prompt]:
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UsageError("--prompt is empty")
-        return [args.prompt]
+        return [Prompt(args.prompt, args.negative_prompt)]
     path = Path(args.from_file)
     if not path.is_file():
         raise UsageError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
         raise UsageError(f"prompt file has no prompts: {path}")
-    return prompts
+    return [parse_prompt_line(line, args.negative_prompt) for line in lines]
+
+
+def warn_missing_placeholders(prompts: Sequence[Prompt], config: DictConfig) -> None:
+    """A prompt without the placeholder samples the base model's idea of the prompt, with the
+    reference mask taken from the end-of-text map: legal, but rarely what was meant."""
+    placeholders = OmegaConf.select(config, "model.params.personalization_config.params.placeholder_strings") or []
+    for prompt in prompts:
+        if placeholders and not any(p in prompt.text for p in placeholders):
+            logger.warning(
+                "warning: prompt '%s' has no placeholder (%s): the learned concept S* is not used",
+                prompt.text, ", ".join(f"'{p}'" for p in placeholders),
+            )  # fmt: skip
 
 
 def parse_device(name: str, precision: str) -> torch.device:
@@ -159,15 +248,36 @@ def parse_device(name: str, precision: str) -> torch.device:
     return device
 
 
+def choose_sampler(args: argparse.Namespace) -> str:
+    """The sampler's name, with ``--plms`` and ``--ddim_eta``/``--spacing`` checked against it."""
+    if args.plms and args.sampler not in (None, "plms"):
+        raise UsageError(f"--plms and --sampler {args.sampler} contradict each other")
+    name = "plms" if args.plms else args.sampler or "ddim"
+    eta = args.ddim_eta
+    if eta is not None and not (math.isfinite(eta) and eta >= 0):
+        raise UsageError(f"--ddim_eta must be a finite number >= 0, got {eta}")
+    if eta and name in ("plms", "dpmpp_2m"):
+        raise UsageError(f"--sampler {name} is deterministic: --ddim_eta must be 0")
+    if args.spacing != "uniform" and name in DDIM_GRID_SAMPLERS:
+        raise UsageError(f"--spacing {args.spacing} is for --sampler dpmpp_2m or euler_a, not {name}")
+    return name
+
+
+def check_steps(name: str, steps: int, num_timesteps: int) -> None:
+    if name in DDIM_GRID_SAMPLERS:
+        make_ddim_timesteps(steps, num_timesteps)
+    elif steps > num_timesteps:
+        raise UsageError(f"--ddim_steps {steps} exceeds the model's {num_timesteps} timesteps")
+
+
 def prepare(args: argparse.Namespace) -> Job:
     """Check the arguments and read the small files, before the (slow) model build."""
     for name in ("n_samples", "n_iter", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.ddim_eta < 0:
-        raise UsageError(f"--ddim_eta must be >= 0, got {args.ddim_eta}")
-    if args.plms and args.ddim_eta != 0:
-        raise UsageError("--plms is deterministic: --ddim_eta must be 0")
+    if not math.isfinite(args.scale):
+        raise UsageError(f"--scale must be a finite number, got {args.scale}")
+    sampler = choose_sampler(args)
     prompts = read_prompts(args)
     device = parse_device(args.device, args.precision)
     weights = read_vico_weights(args.ckpt)
@@ -179,10 +289,11 @@ def prepare(args: argparse.Namespace) -> Job:
     for flag, value in (("--H", height), ("--W", width)):
         if value <= 0 or value % factor:
             raise UsageError(f"{flag} {value} is not a positive multiple of the autoencoder factor {factor}")
-    make_ddim_timesteps(args.ddim_steps, int(config.model.params.get("timesteps", 1000)))
-    base_checkpoint_path(config, args.base_ckpt, weights.source)
-    references = np.stack([load_image(path, (height, width)) for path in args.ref])
-    return Job(weights, config, prompts, references, height, width, factor, device)
+    check_steps(sampler, args.ddim_steps, int(config.model.params.get("timesteps", 1000)))
+    base_checkpoint_path(config, args.base_ckpt, weights.source, weights.folder)
+    references = load_reference_images(args.ref, (height, width), args.ref_resize)
+    warn_missing_placeholders(prompts, config)
+    return Job(weights, config, prompts, references, height, width, factor, device, sampler)
 
 
 # ----------------------------------------------------------------- pictures
@@ -262,8 +373,92 @@ def attention_steps(num_steps: int) -> list[int]:
     return sorted({round(f * (num_steps - 1)) for f in ATTENTION_STEP_FRACTIONS})
 
 
-def save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path)
+def save_png(
+    array: np.ndarray, path: Path, metadata: dict[str, str] | None = None, exclusive: bool = False
+) -> None:
+    """Write ``uint8 [H, W, 3]`` as a PNG with ``metadata`` as text chunks.
+
+    ``exclusive`` refuses (``FileExistsError``) to replace an existing file; a failed write
+    leaves no partial file behind.
+    """
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, value)
+    with open(path, "xb" if exclusive else "wb") as handle:
+        try:
+            Image.fromarray(array).save(handle, format="PNG", pnginfo=info)
+        except BaseException:
+            Path(path).unlink(missing_ok=True)
+            raise
+
+
+def next_sample_number(folder: Path) -> int:
+    """One more than the highest ``NNNNN.png`` in ``folder`` (0 if none): a file deleted from
+    the middle never makes a later run reuse its number and overwrite the ones after it."""
+    numbers = [int(match.group(1)) for match in map(SAMPLE_NAME.match, (p.name for p in folder.iterdir())) if match]
+    return max(numbers, default=-1) + 1
+
+
+def save_new_sample(array: np.ndarray, folder: Path, number: int, metadata: dict[str, str]) -> int:
+    """Write ``folder/NNNNN.png`` with the first number from ``number`` not taken (another run
+    may write into the same folder); return the number used."""
+    while True:
+        try:
+            save_png(array, folder / f"{number:05d}.png", metadata, exclusive=True)
+            return number
+        except FileExistsError:
+            number += 1
+
+
+def save_new_png(array: np.ndarray, folder: Path, stem: str, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``folder/<stem>.png``, or ``<stem>-2.png``, ``<stem>-3.png``, ... : the first name not taken."""
+    suffix = 1
+    while True:
+        path = folder / (f"{stem}.png" if suffix == 1 else f"{stem}-{suffix}.png")
+        try:
+            save_png(array, path, metadata, exclusive=True)
+            return path
+        except FileExistsError:
+            suffix += 1
+
+
+def image_metadata(
+    args: argparse.Namespace, job: Job, prompt: Prompt, seed: int, reference_seed: int | None, eta: float
+) -> dict[str, str]:
+    """The PNG text chunks of one sample: its settings and the arguments that make it again alone."""
+    metadata = {
+        "prompt": prompt.text,
+        "negative_prompt": prompt.negative,
+        "seed": str(seed),
+        "sampler": job.sampler,
+        "steps": str(args.ddim_steps),
+        "scale": str(args.scale),
+        "eta": str(eta),
+        "size": f"{job.width}x{job.height}",
+        "references": json.dumps(args.ref),
+        "reference_resize": args.ref_resize,
+        "reference_latent": args.ref_latent,
+        "checkpoint": json.dumps(args.ckpt),
+    }
+    regenerate = [
+        *(item for ckpt in args.ckpt for item in ("--ckpt", ckpt)), "--ref", *args.ref,
+        "--prompt", prompt.text, "--negative_prompt", prompt.negative, "--seed", str(seed),
+        "--n_samples", "1", "--n_iter", "1", "--sampler", job.sampler, "--ddim_steps", str(args.ddim_steps),
+        "--ddim_eta", str(eta), "--scale", str(args.scale), "--H", str(job.height), "--W", str(job.width),
+        "--ref_resize", args.ref_resize, "--ref_latent", args.ref_latent, "--precision", args.precision,
+    ]  # fmt: skip
+    if reference_seed is not None:
+        metadata["reference_seed"] = str(reference_seed)
+        regenerate += ["--reference_seed", str(reference_seed)]
+    if job.sampler not in DDIM_GRID_SAMPLERS:
+        metadata["spacing"] = args.spacing
+        regenerate += ["--spacing", args.spacing]
+    for flag, value in (("base_ckpt", args.base_ckpt), ("config", args.config)):
+        if value is not None:
+            metadata[flag] = value
+            regenerate += [f"--{flag}", value]
+    metadata["regenerate"] = shlex.join(regenerate)
+    return metadata
 
 
 # ------------------------------------------------------------------ sampling
@@ -274,53 +469,66 @@ def precision_context(precision: str, device: torch.device) -> contextlib.Abstra
     return torch.autocast(device.type, dtype=dtype)
 
 
+def warn_non_finite(decoded: torch.Tensor) -> None:
+    bad = [k for k, image in enumerate(decoded) if not bool(torch.isfinite(image).all())]
+    if bad:
+        logger.warning("warning: samples %s hold NaN values (saved black); the weights or settings are broken", bad)
+
+
 def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None:
     """Sample every prompt ``n_iter`` times and write the PNGs, grids and attention pictures."""
-    sampler = PLMSSampler(model) if args.plms else DDIMSampler(model)
+    sampler = make_sampler(job.sampler, model, args.spacing)
+    eta = sampler.default_eta if args.ddim_eta is None else args.ddim_eta
     outdir = Path(args.outdir)
     sample_dir = outdir / "samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     attention_dir = outdir / "attention"
     if args.save_attention:
         attention_dir.mkdir(exist_ok=True)
-    count = len(list(sample_dir.glob("*.png")))
+    number = next_sample_number(sample_dir)
     latent_shape = (model.channels, job.height // job.factor, job.width // job.factor)
-    timesteps = make_ddim_timesteps(args.ddim_steps, model.num_timesteps)[::-1]
-    record_steps = attention_steps(len(timesteps)) if args.save_attention else []
-    generator = torch.Generator()
+    schedule = sampler.make_schedule(args.ddim_steps, eta, torch.device("cpu"))
+    record_steps = attention_steps(len(schedule)) if args.save_attention else []
     progress = tqdm(total=len(job.prompts) * args.n_iter, desc="Sampling", unit="batch")
     with progress, torch.no_grad(), precision_context(args.precision, job.device):
-        reference_latents = encode_references(model, to_tensor(job.references))
-        for prompt, slug in zip(job.prompts, unique_slugs(job.prompts)):
-            generator.manual_seed(args.seed)
+        reference_images = to_tensor(job.references)
+        for prompt, slug in zip(job.prompts, unique_slugs([p.text for p in job.prompts])):
             rows: list[list[np.ndarray | None]] = []
             for iteration in range(args.n_iter):
-                decoded, intermediates = sample_prompt(
+                first = iteration * args.n_samples
+                seeds = [args.seed + first + k for k in range(args.n_samples)]
+                reference_seed = None
+                if args.ref_latent == "sample":
+                    reference_seed = (args.seed if args.reference_seed is None else args.reference_seed) + first
+                decoded, intermediates = sample_seeded(
                     model,
                     sampler,
-                    prompt,
-                    reference_latents,
-                    n_samples=args.n_samples,
+                    prompt.text,
+                    reference_images,
+                    seeds,
+                    reference_seed,
                     latent_shape=latent_shape,
                     steps=args.ddim_steps,
                     scale=args.scale,
-                    generator=generator,
-                    eta=args.ddim_eta,
+                    eta=eta,
+                    negative_prompt=prompt.negative,
                     record_attention=record_steps if iteration == 0 else (),
                     verbose=True,
                 )
+                warn_non_finite(decoded)
                 images = to_uint8(decoded)
-                for image in images:
-                    save_png(image, sample_dir / f"{count:05d}.png")
-                    count += 1
+                for seed, image in zip(seeds, images):
+                    metadata = image_metadata(args, job, prompt, seed, reference_seed, eta)
+                    number = save_new_sample(image, sample_dir, number, metadata) + 1
                 references = list(job.references) if iteration == 0 else [None] * len(job.references)
                 rows.append([*references, *images])
                 for step, records in intermediates["attention"].items():
-                    path = attention_dir / f"{slug}-step{step:03d}-t{int(timesteps[step]):04d}.png"
-                    save_png(attention_picture(records, job.references), path)
+                    stem = f"{slug}-step{step:03d}-t{round(schedule.step_timestep(step)):04d}"
+                    save_new_png(attention_picture(records, job.references), attention_dir, stem)
                 progress.update()
-            save_png(make_grid(rows), outdir / f"grid-{slug}.png")
-            logger.info("%s: grid-%s.png", prompt, slug)
+            grid_metadata = {"prompt": prompt.text, "negative_prompt": prompt.negative, "seeds": f"{args.seed}-{seeds[-1]}"}
+            path = save_new_png(make_grid(rows), outdir, f"grid-{slug}", grid_metadata)
+            logger.info("%s: %s", prompt.text, path.name)
     logger.info("samples in %s", sample_dir)
 
 

@@ -395,8 +395,6 @@ def is_diffusers_folder(path: str | Path) -> bool:
 
 def _diffusers_part_file(folder: Path, part: str) -> Path:
     directory = folder / part
-    if not directory.is_dir():
-        raise CheckpointError(f"{folder}: a diffusers folder needs unet/, vae/ and text_encoder/; {part}/ is missing")
     for stem in DIFFUSERS_PARTS[part]:
         for suffix in _DIFFUSERS_SUFFIXES:
             if (directory / f"{stem}{suffix}").is_file():
@@ -417,6 +415,11 @@ def find_base_checkpoint(path: str | Path) -> Path:
         if not is_diffusers_folder(path):
             raise CheckpointError(
                 f"{path}: is a directory, neither a checkpoint file nor a diffusers folder (unet/, vae/, text_encoder/)"
+            )
+        missing = [part for part in DIFFUSERS_PARTS if not (path / part).is_dir()]
+        if missing:
+            raise CheckpointError(
+                f"{path}: a diffusers folder needs unet/, vae/ and text_encoder/; {missing[0]}/ is missing"
             )
         for part in DIFFUSERS_PARTS:
             _diffusers_part_file(path, part)

@@ -23,11 +23,16 @@ Outputs under ``--outdir``: per concept ``<name>/samples/pPP-sSS.png`` (prompt P
 ``<name>/sheet.png``, ``<name>/scores.{json,csv}`` and ``<name>/generation.json`` (the
 settings the samples were made with); over all concepts ``scores.{json,csv}``.
 
+The reference is prepared as in ``sample.py`` and the authors' code: squashed to the sampling
+size (bilinear) and encoded as a sample of the VAE posterior, drawn per prompt from the
+prompt's generator (``--ref_resize crop``, ``--ref_latent mode`` for the alternatives).
+
 Images already on disk are not generated again. Every prompt draws its noise from a generator
 seeded by (``--seed``, concept name, prompt index), and a prompt whose samples are partly
 missing is sampled again as a whole batch (only the missing files are written), so an
 interrupted and resumed run writes the same images as an uninterrupted one. A rerun with
-settings that change the images (checkpoint, reference, steps, scale, seed) into the same
+settings that change the images (checkpoint, reference and its preparation, steps, scale,
+seed) into the same
 folder is refused.
 
 Predictable mistakes print one ``error: ...`` line on stderr and exit with status 2, before
@@ -74,7 +79,14 @@ from ldm.evaluation import (  # noqa: E402
     score_concept,
 )
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
-from ldm.models.diffusion.sampling import encode_references, make_ddim_timesteps, sample_prompt  # noqa: E402
+from ldm.models.diffusion.sampling import (  # noqa: E402
+    REFERENCE_LATENTS,
+    REFERENCE_RESIZE,
+    encode_references,
+    load_reference_images,
+    make_ddim_timesteps,
+    sample_prompt,
+)
 from ldm.models.loading import (  # noqa: E402
     autoencoder_factor,
     base_checkpoint_path,
@@ -84,7 +96,14 @@ from ldm.models.loading import (  # noqa: E402
     resolve_config,
 )
 from ldm.util import CheckpointError  # noqa: E402
-from sample import OneLineErrorParser, UsageError, make_grid, parse_device, save_png, to_uint8  # noqa: E402
+from sample import (  # noqa: E402
+    OneLineErrorParser,
+    UsageError,
+    make_grid,
+    parse_device,
+    save_png,
+    to_uint8,
+)
 
 logger = logging.getLogger("evaluate")
 
@@ -116,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=42, help="seed; each (concept, prompt) derives its own")
+    parser.add_argument(
+        "--ref_resize", choices=tuple(REFERENCE_RESIZE), default="squash",
+        help="squash: resize the whole reference, bilinear (the authors'); crop: centre crop, bicubic",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ref_latent", choices=REFERENCE_LATENTS, default="sample",
+        help="sample: a VAE posterior sample per prompt (the authors'); mode: the posterior mean",
+    )  # fmt: skip
     parser.add_argument("--max_prompts", type=int, help="only the first N prompts of each list (quick runs)")
     parser.add_argument(
         "--class_word", action="store_true",
@@ -179,6 +206,8 @@ class GenerationSettings:
     ckpt: str
     base_ckpt: str
     reference: str
+    reference_resize: str
+    reference_latent: str
     height: int
     width: int
     ddim_steps: int
@@ -231,7 +260,7 @@ def prepare_concept(spec: ConceptSpec, args: argparse.Namespace, prompt_lists: P
     """Check one concept's files and settings without generating anything."""
     weights = read_vico_weights(spec.ckpt)
     config = resolve_config(weights)
-    base = base_checkpoint_path(config, args.base_ckpt, weights.source)
+    base = base_checkpoint_path(config, args.base_ckpt, weights.source, weights.folder)
     placeholders = OmegaConf.select(config, "model.params.personalization_config.params.placeholder_strings") or []
     if prompt_lists.placeholder not in placeholders:
         raise UsageError(
@@ -253,6 +282,8 @@ def prepare_concept(spec: ConceptSpec, args: argparse.Namespace, prompt_lists: P
         ckpt=str(spec.ckpt.resolve()),
         base_ckpt=str(base.resolve()),
         reference=str(reference_path.resolve()),
+        reference_resize=args.ref_resize,
+        reference_latent=args.ref_latent,
         height=size,
         width=size,
         ddim_steps=args.ddim_steps,
@@ -266,7 +297,7 @@ def prepare_concept(spec: ConceptSpec, args: argparse.Namespace, prompt_lists: P
         prompts=prompts,
         texts=tuple(clip_text(p, class_word, prompt_lists.placeholder) for p in prompts),
         real=tuple(real),
-        reference=load_image(reference_path, (size, size)),
+        reference=load_reference_images([reference_path], (size, size), args.ref_resize)[0],
         settings=settings,
         factor=factor,
         n_samples=args.n_samples,
@@ -334,9 +365,10 @@ def generate_concept(job: ConceptJob, device: torch.device, progress: tqdm) -> N
     generator = torch.Generator()
     progress.set_postfix_str(job.spec.name)
     with torch.no_grad():
-        reference_latents = encode_references(model, to_tensor(np.stack([job.reference])))
+        reference_images = to_tensor(np.stack([job.reference]))
         for prompt_index, sample_indices in missing.items():
             generator.manual_seed(prompt_seed(settings.seed, job.spec.name, prompt_index))
+            reference_latents = encode_references(model, reference_images, settings.reference_latent, generator)
             decoded, _ = sample_prompt(
                 model,
                 sampler,
@@ -384,7 +416,8 @@ def contact_sheet(job: ConceptJob) -> np.ndarray:
     """The first row: the reference, then the first real photos; then one row per prompt: its text, then its samples."""
     scale = min(1.0, SHEET_CELL / max(job.settings.height, job.settings.width))
     cell = (round(job.settings.height * scale), round(job.settings.width * scale))
-    header = [load_image(job.settings.reference, cell), *(load_image(p, cell) for p in job.real[: job.n_samples])]
+    reference = load_reference_images([job.settings.reference], cell, job.settings.reference_resize)[0]
+    header = [reference, *(load_image(p, cell) for p in job.real[: job.n_samples])]
     rows = [header]
     for prompt_index, prompt in enumerate(job.prompts):
         samples = [load_image(job.sample_path(prompt_index, s), cell) for s in range(job.n_samples)]

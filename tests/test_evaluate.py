@@ -97,7 +97,8 @@ def test_outputs_have_table_2_layout(first_run):
 def test_contact_sheet_rows_are_prompts(first_run):
     sheet = read_png(first_run / CONCEPT / "sheet.png")
     assert sheet.shape == (2 + 3 * CELL, 2 + 3 * CELL, 3)  # (reference row + 2 prompts) x (label + 2 samples)
-    assert np.array_equal(sheet[2:66, 2:66], load_image(PHOTOS / "00.jpg", 64))  # the reference, top left
+    reference = load_image(PHOTOS / "00.jpg", 64, "bilinear", resize_mode="squash")  # as the samples saw it
+    assert np.array_equal(sheet[2:66, 2:66], reference)  # the reference, top left
     first_sample = read_png(first_run / CONCEPT / "samples" / "p00-s00.png")
     assert np.array_equal(sheet[2 + CELL : 2 + CELL + 64, 2 + CELL : 2 + CELL + 64], first_sample)
     label = sheet[2 + CELL : 2 + CELL + 64, 2 : 2 + 64]

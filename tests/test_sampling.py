@@ -1,7 +1,9 @@
 """DDIM/PLMS with the shared reference stream, the ViCo loader's three formats, and sample.py."""
 from __future__ import annotations
 
+import json
 import logging
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +23,10 @@ from ldm.models.diffusion.sampling import (
     GuidedDenoiser,
     SamplingReference,
     SamplingRun,
+    encode_references,
     make_ddim_timesteps,
     make_sampling_reference,
+    sample_prompt,
 )
 from ldm.models.loading import load_vico_model, read_vico_weights, save_adapter
 from ldm.util import CheckpointError, instantiate_from_config, save_state_dict
@@ -346,8 +350,8 @@ def test_cli_writes_samples_and_grid(files, tmp_path, fmt, capsys):
     assert read_png(tmp_path / "samples" / "00000.png").shape == (64, 64, 3)
     grid = read_png(tmp_path / "grid-a-photo-of-s-on-the-beach.png")
     assert grid.shape == (2 + 2 * 66, 2 + 3 * 66, 3)  # 2 iterations x (reference + 2 samples)
-    reference = np.asarray(Image.open(PHOTOS[0]).convert("RGB").resize((64, 64), Image.Resampling.BICUBIC))
-    assert np.abs(grid[2:66, 2:66].astype(int) - reference).mean() < 3  # the reference at the top left
+    reference = np.asarray(Image.open(PHOTOS[0]).convert("RGB").resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.abs(grid[2:66, 2:66].astype(int) - reference).mean() < 3  # the squashed reference at the top left
     assert "error" not in capsys.readouterr().err
 
 
@@ -383,6 +387,10 @@ def test_cli_plms_several_prompts_references_and_attention(files, tmp_path):
 def bad_input_cases(files, bad_files, tmp_path):
     undecodable = tmp_path / "broken.jpg"
     undecodable.write_bytes(b"not an image")
+    random_bytes = tmp_path / "random.ckpt"
+    random_bytes.write_bytes(bytes(range(256)) * 8)
+    two_negatives = tmp_path / "prompts.txt"
+    two_negatives.write_text("a * | blurry | dark\n")
     tiny = ["--config", str(TINY_CONFIG)]
     return {
         "missing ref": (["--ref", str(tmp_path / "nope.jpg")], "image not found"),
@@ -393,17 +401,42 @@ def bad_input_cases(files, bad_files, tmp_path):
         "missing base": (["--base_ckpt", str(tmp_path / "sd.ckpt")], "base checkpoint not found"),
         "no base": (["--ckpt", str(files["cross_attention"]), *tiny], "pass --base_ckpt"),
         "autocast on cpu": (["--precision", "autocast"], "autocast needs a CUDA device"),
+        "nan scale": (["--scale", "nan"], "--scale must be a finite number, got nan"),
+        "infinite scale": (["--scale", "inf"], "--scale must be a finite number, got inf"),
+        "nan eta": (["--ddim_eta", "nan"], "--ddim_eta must be a finite number >= 0"),
+        "plms and sampler": (["--plms", "--sampler", "euler_a"], "--plms and --sampler euler_a contradict"),
+        "eta of a deterministic sampler": (["--sampler", "dpmpp_2m", "--ddim_eta", "0.5"], "dpmpp_2m is deterministic"),
+        "karras for ddim": (["--spacing", "karras"], "--spacing karras is for --sampler dpmpp_2m or euler_a"),
+        "directory as ckpt": (["--ckpt", str(tmp_path)], "is a directory, not a checkpoint file"),
+        "random bytes": (["--ckpt", str(random_bytes)], "not a checkpoint (neither"),
+        "two separators": (["--from_file", str(two_negatives)], "has more than one '|'"),
     }
+
+
+def with_arguments(argv: list[str], extra: list[str]) -> list[str]:
+    """``argv`` with each ``--flag value`` of ``extra`` replacing that flag's value or appended;
+    a flag not followed by a value is a switch; ``--from_file`` replaces ``--prompt``."""
+    argv = list(argv)
+    if "--from_file" in extra:
+        del argv[argv.index("--prompt") : argv.index("--prompt") + 2]
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        if i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = extra[i + 1]
+            else:
+                argv += [flag, extra[i + 1]]
+            i += 2
+        else:
+            argv.append(flag)
+            i += 1
+    return argv
 
 
 def test_cli_bad_inputs_exit_2_with_one_line(files, bad_files, tmp_path, capsys):
     for name, (extra, fragment) in bad_input_cases(files, bad_files, tmp_path).items():
-        argv = cli(files, tmp_path / "out", ckpt="training")
-        for flag, value in zip(extra[::2], extra[1::2]):
-            if flag in argv:
-                argv[argv.index(flag) + 1] = value
-            else:
-                argv += [flag, value]
+        argv = with_arguments(cli(files, tmp_path / "out", ckpt="training"), extra)
         assert sample.main(argv) == 2, name
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and fragment in err, (name, err)
@@ -420,3 +453,107 @@ def test_cli_error_as_a_subprocess_has_no_traceback(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}"]
+
+
+# ------------------------------------------------- outputs, seeds, metadata
+def png_text(path: Path) -> dict[str, str]:
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
+def test_cli_never_overwrites_samples_or_grids(files, tmp_path):
+    out = tmp_path / "out"
+    assert sample.main(cli(files, out)) == 0
+    grid = out / "grid-a-photo-of-s-on-the-beach.png"
+    kept_sample, kept_grid = (out / "samples" / "00001.png").read_bytes(), grid.read_bytes()
+    (out / "samples" / "00000.png").unlink()
+    assert sample.main(cli(files, out, "--seed", "43")) == 0
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00001.png", "00002.png", "00003.png"]
+    assert (out / "samples" / "00001.png").read_bytes() == kept_sample  # numbered after the highest, not by count
+    assert grid.read_bytes() == kept_grid
+    assert png_text(out / "grid-a-photo-of-s-on-the-beach-2.png")["seeds"] == "43-44"
+
+
+def test_png_metadata_regenerates_one_image_alone(files, tmp_path):
+    argv = cli(files, tmp_path / "batch", "--n_iter", "2", "--ddim_eta", "0.5", "--seed", "7", "--negative_prompt", "blurry")
+    assert sample.main(argv) == 0
+    image = tmp_path / "batch" / "samples" / "00003.png"  # iteration 1, sample 1
+    text = png_text(image)
+    assert text["prompt"] == PROMPT and text["negative_prompt"] == "blurry"
+    assert (text["seed"], text["reference_seed"]) == ("10", "9")  # seed + 3; reference seed + 1 * n_samples
+    assert (text["sampler"], text["steps"], text["scale"], text["eta"]) == ("ddim", "2", "7.5", "0.5")
+    assert json.loads(text["references"]) == [str(PHOTOS[0])]
+    assert json.loads(text["checkpoint"]) == [str(files["training"])]
+    assert (text["reference_resize"], text["reference_latent"]) == ("squash", "sample")
+    again = tmp_path / "again"
+    assert sample.main([*shlex.split(text["regenerate"]), "--outdir", str(again), "--device", "cpu"]) == 0
+    (alone,) = (again / "samples").iterdir()
+    difference = np.abs(read_png(alone).astype(int) - read_png(image).astype(int))
+    assert difference.max() <= 2 and difference.mean() < 0.05, (difference.max(), difference.mean())
+    other = read_png(tmp_path / "batch" / "samples" / "00002.png").astype(int)
+    assert np.abs(other - read_png(image).astype(int)).mean() > 1  # a neighbour is another image
+
+
+def test_negative_prompts_per_line_of_a_prompt_file(files, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT} | blurry, dark\n{PROMPT}\n")
+    argv = with_arguments(cli(files, tmp_path / "out"), ["--from_file", str(prompts), "--negative_prompt", "noise"])
+    assert sample.main(argv) == 0
+    samples = sorted((tmp_path / "out" / "samples").iterdir())
+    assert [png_text(p)["negative_prompt"] for p in samples] == ["blurry, dark", "blurry, dark", "noise", "noise"]
+    assert not np.array_equal(read_png(samples[0]), read_png(samples[2]))  # same prompt and seed, other negative
+
+
+@pytest.mark.parametrize("extra", [["--sampler", "dpmpp_2m", "--spacing", "karras"], ["--sampler", "euler_a"]])
+def test_cli_sigma_samplers(files, tmp_path, extra):
+    assert sample.main(cli(files, tmp_path, "--ddim_steps", "3", "--save_attention", *extra)) == 0
+    samples = sorted((tmp_path / "samples").iterdir())
+    assert len(samples) == 2
+    text = png_text(samples[0])
+    assert text["sampler"] == extra[1] and text["spacing"] == (extra[3] if len(extra) > 2 else "uniform")
+    assert text["eta"] == ("1.0" if extra[1] == "euler_a" else "0.0")
+    assert len(list((tmp_path / "attention").iterdir())) == 3
+    assert (tmp_path / "attention" / "a-photo-of-s-on-the-beach-step000-t0999.png").is_file()
+
+
+def test_prompt_without_placeholder_warns_before_building(files, tmp_path, caplog):
+    args = sample.build_parser().parse_args(with_arguments(cli(files, tmp_path), ["--prompt", "a photo of a toy"]))
+    with caplog.at_level(logging.WARNING, logger="sample"):
+        sample.prepare(args)
+    assert any("'a photo of a toy' has no placeholder ('*')" in r.getMessage() for r in caplog.records)
+
+
+def test_reference_resize_modes(files, tmp_path):
+    wide = tmp_path / "wide.png"
+    pixels = np.zeros((64, 128, 3), dtype=np.uint8)
+    pixels[:, :32] = 255  # a white band at the left that a centre crop cuts away
+    Image.fromarray(pixels).save(wide)
+    references = {}
+    for mode in ("squash", "crop"):
+        argv = with_arguments(cli(files, tmp_path), ["--ref", str(wide), "--ref_resize", mode])
+        references[mode] = sample.prepare(sample.build_parser().parse_args(argv)).references[0]
+    squashed = np.asarray(Image.open(wide).resize((64, 64), Image.Resampling.BILINEAR))
+    assert np.array_equal(references["squash"], squashed)
+    assert references["squash"][:, :12].min() == 255 and references["crop"][:, :12].max() == 0
+
+
+def test_reference_latents_sample_or_mode(tiny):
+    images = to_tensor(np.stack([load_image(PHOTOS[0], 64)]))
+    posterior = tiny.encode_first_stage(images.to(tiny.device))
+    mode = encode_references(tiny, images)
+    torch.testing.assert_close(mode, tiny.scale_factor * posterior.mode())
+    first = encode_references(tiny, images, "sample", torch.Generator().manual_seed(1))
+    assert torch.equal(first, encode_references(tiny, images, "sample", torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, encode_references(tiny, images, "sample", torch.Generator().manual_seed(2)))
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(first, tiny.scale_factor * (posterior.mean + posterior.std * noise))
+    with pytest.raises(ValueError, match="posterior must be one of"):
+        encode_references(tiny, images, "median")
+
+
+def test_sampled_images_are_clamped_to_the_image_range(tiny, monkeypatch):
+    monkeypatch.setattr(tiny, "decode_first_stage", lambda z: torch.linspace(-5, 5, 2 * 3 * 8 * 8).reshape(2, 3, 8, 8))
+    decoded, _ = sample_prompt(
+        tiny, DDIMSampler(tiny), PROMPT, references(1), 2, LATENT, 2, 7.5, torch.Generator().manual_seed(0)
+    )
+    assert decoded.min() == -1 and decoded.max() == 1

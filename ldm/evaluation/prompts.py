@@ -6,7 +6,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-EVAL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "eval"
+from ldm import CONFIG_DIR
+
+EVAL_CONFIG_DIR = CONFIG_DIR / "eval"
 DEFAULT_PROMPTS = EVAL_CONFIG_DIR / "prompts.yaml"
 DEFAULT_CONCEPTS = EVAL_CONFIG_DIR / "concepts.yaml"
 PLACEHOLDER = "*"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,25 @@ from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ldm import CONFIG_DIR
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.modules.embedding_manager import load_authors_embeddings
-from ldm.util import CheckpointError, check_stored_config, instantiate_from_config, read_checkpoint
+from ldm.util import (
+    CheckpointError,
+    check_stored_config,
+    check_tensor_values,
+    find_base_checkpoint,
+    instantiate_from_config,
+    read_checkpoint,
+    write_atomically,
+)
 
 logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = ROOT / "configs" / "vico.yaml"
+DEFAULT_CONFIG = CONFIG_DIR / "vico.yaml"
+#: Where the README tells users to put their Stable Diffusion weights.
+MODELS_DIR = ROOT / "models" / "ldm" / "stable-diffusion-v1"
 ADAPTER_FORMAT = "vico-adapter"
 _ENCODER_CH_MULT = (1, 2, 4, 8)  # the Encoder's default when a config leaves ch_mult out
 PLACEHOLDER_PREFIX = "embedding_manager.string_to_param_dict."
@@ -60,6 +70,7 @@ class ViCoWeights:
     state_dict: dict[str, torch.Tensor]
     config: DictConfig | None
     source: str
+    folder: Path = Path(".")
 
 
 # ------------------------------------------------------------------- reading
@@ -69,8 +80,20 @@ def read_vico_weights(ckpt: PathLike | Sequence[PathLike]) -> ViCoWeights:
     if not 1 <= len(paths) <= 2:
         raise ValueError(f"expected one ViCo checkpoint or the authors' pair of two files, got {len(paths)} paths")
     for path in paths:
+        if path.is_dir():
+            raise CheckpointError(
+                f"{path}: is a directory, not a checkpoint file (pass a file in it, e.g. checkpoints/last.ckpt)"
+            )
         if not path.is_file():
             raise CheckpointError(f"checkpoint not found: {path}")
+    weights = _read_weights(paths)
+    for key, value in weights.state_dict.items():
+        check_tensor_values(key, value, True, weights.source)
+    weights.folder = paths[0].resolve().parent
+    return weights
+
+
+def _read_weights(paths: Sequence[Path]) -> ViCoWeights:
     if len(paths) == 2:
         return _read_authors_pair(*_order_pair(paths))
     path = paths[0]
@@ -205,19 +228,44 @@ def default_image_size(config: DictConfig) -> int:
     return int(config.model.params.get("image_size", 64)) * autoencoder_factor(config)
 
 
-def base_checkpoint_path(config: DictConfig, base_ckpt: PathLike | None, source: str) -> Path:
-    """``base_ckpt`` if given, else the ``model.params.ckpt_path`` of the config; it must exist."""
+def base_checkpoint_candidates(recorded: PathLike, folder: PathLike) -> list[Path]:
+    """Where a base checkpoint recorded as ``recorded`` by a ViCo file in ``folder`` may be.
+
+    Files written for sharing record only the base's file name (:func:`portable_config`), and
+    runs may be moved: the recorded path as given, then relative to the weights' folder and
+    its parent (a run folder, for ``checkpoints/*``), then its name in those folders and in
+    ``models/ldm/stable-diffusion-v1/``.
+    """
+    recorded, folder = Path(recorded), Path(folder)
+    candidates = [recorded]
+    if not recorded.is_absolute():
+        candidates += [folder / recorded, folder.parent / recorded]
+    candidates += [place / recorded.name for place in (folder, folder.parent, MODELS_DIR)]
+    return list(dict.fromkeys(candidates))
+
+
+def base_checkpoint_path(
+    config: DictConfig, base_ckpt: PathLike | None, source: str, folder: PathLike = "."
+) -> Path:
+    """``base_ckpt`` if given, else the ``model.params.ckpt_path`` of the config, looked for
+    where :func:`base_checkpoint_candidates` says; a file or a diffusers folder that must exist."""
+    if base_ckpt is not None:
+        if not Path(base_ckpt).exists():
+            raise CheckpointError(f"base checkpoint not found: {base_ckpt} (from --base_ckpt)")
+        return find_base_checkpoint(base_ckpt)
     recorded = config.model.get("params", {}).get("ckpt_path")
-    if base_ckpt is None and not recorded:
+    if not recorded:
         raise ValueError(
             f"{source}: its config names no base Stable Diffusion checkpoint (model.params.ckpt_path); "
             f"pass --base_ckpt"
         )
-    path = Path(base_ckpt if base_ckpt is not None else recorded)
-    if not path.is_file():
-        origin = "--base_ckpt" if base_ckpt is not None else f"model.params.ckpt_path of {source}"
-        raise CheckpointError(f"base checkpoint not found: {path} (from {origin})")
-    return path
+    for candidate in base_checkpoint_candidates(recorded, folder):
+        if candidate.exists():
+            return find_base_checkpoint(candidate)
+    raise CheckpointError(
+        f"base checkpoint not found: {recorded} (from model.params.ckpt_path of {source}; also looked beside "
+        f"it and in {MODELS_DIR}); pass --base_ckpt"
+    )
 
 
 # ------------------------------------------------------------------ building
@@ -225,7 +273,7 @@ def build_vico_model(
     weights: ViCoWeights, config: DictConfig, base_ckpt: PathLike | None = None, device: str | torch.device = "cpu"
 ) -> LatentDiffusion:
     """Instantiate the model of ``config`` on ``device``, then load the base and the trained weights."""
-    base = base_checkpoint_path(config, base_ckpt, weights.source)
+    base = base_checkpoint_path(config, base_ckpt, weights.source, weights.folder)
     model_config = OmegaConf.to_container(config.model, resolve=True)
     model_config.setdefault("params", {}).pop("ckpt_path", None)
     with torch.device(device):
@@ -262,22 +310,33 @@ def load_vico_model(
 
 
 # ----------------------------------------------------------------- exporting
-def save_adapter(model: LatentDiffusion, config: DictConfig | Mapping[str, Any], path: PathLike) -> None:
-    """Write the adapter export (trained tensors + the run config as YAML) atomically.
+def portable_config(config: DictConfig | Mapping[str, Any]) -> DictConfig:
+    """A copy of ``config`` fit for sharing: every absolute path (the base checkpoint, the data
+    folder, ...) is replaced by its file name, so that no path of the machine that wrote it
+    travels with the file; the base checkpoint is then found by name (:func:`base_checkpoint_candidates`)."""
+    container = OmegaConf.to_container(
+        config if isinstance(config, DictConfig) else OmegaConf.create(dict(config)), resolve=True
+    )
 
-    The file is written under a temporary name in the destination folder and renamed over
-    ``path``, so readers never see a partial file.
+    def strip(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {key: strip(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [strip(value) for value in node]
+        if isinstance(node, str) and (os.path.isabs(node) or node.startswith("~")):
+            return Path(node).name
+        return node
+
+    return OmegaConf.create(strip(container))
+
+
+def save_adapter(model: LatentDiffusion, config: DictConfig | Mapping[str, Any], path: PathLike) -> None:
+    """Write the adapter export (trained tensors + the run config as YAML) for sharing.
+
+    The config is made portable (:func:`portable_config`: no absolute paths); the file is
+    written atomically and readable by others as the umask allows
+    (:func:`ldm.util.write_atomically`).
     """
-    path = Path(path)
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.trained_state_dict().items()}
-    config = config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
-    metadata = {"config": OmegaConf.to_yaml(config), "format": ADAPTER_FORMAT}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata=metadata)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    metadata = {"config": OmegaConf.to_yaml(portable_config(config)), "format": ADAPTER_FORMAT}
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))

@@ -1,5 +1,6 @@
-"""What the DDIM and PLMS samplers share: the DDIM schedule, the guided model call with
-ViCo's shared reference stream, and the sampling loop.
+"""What the samplers share: the DDIM schedule, the guided model call with ViCo's shared
+reference stream, and the sampling loop (DDIM and PLMS here and in ``ddim.py``/``plms.py``;
+DPM-Solver++(2M) and Euler ancestral in ``ksamplers.py``).
 
 The reference stream (the clean reference latents going through the frozen UNet beside the
 noisy samples) does not depend on the noisy samples, only on the references, the text
@@ -11,18 +12,27 @@ once per sample; see :class:`ldm.modules.vico.ReferenceCondition` for groups.
 from __future__ import annotations
 
 import logging
+import math
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from ldm.data.images import load_image
+
 from ldm.modules.vico import AttentionRecord, ReferenceCondition
 
 logger = logging.getLogger(__name__)
+
+#: One generator for a batch, or one per sample.
+Generator = torch.Generator | Sequence[torch.Generator] | None
+PathLike = str | os.PathLike[str]
 
 
 @dataclass
@@ -49,19 +59,34 @@ class SamplingReference:
         return self.latents.shape[0]
 
 
+#: How a reference photo is brought to the sampling size, and with which resampling.
+REFERENCE_RESIZE = {"squash": "bilinear", "crop": "bicubic"}
+#: How a reference image becomes a latent: a draw from the VAE posterior (the authors' code)
+#: or its mode (deterministic).
+REFERENCE_LATENTS = ("sample", "mode")
+
+
 @torch.no_grad()
-def encode_references(model, images: Tensor) -> Tensor:
+def encode_references(
+    model, images: Tensor, posterior: str = "mode", generator: torch.Generator | None = None
+) -> Tensor:
     """Scaled latents of reference images ``[K, 3, H, W]`` in [-1, 1].
 
-    The posterior *mode* is used rather than a sample: the references are then fixed by the
-    images alone, and sampling consumes no random numbers for them.
+    Args:
+        posterior: ``"sample"`` draws from the VAE posterior with ``generator``, as the
+            authors' sampling script does (re-drawn for each batch); ``"mode"`` takes its
+            mean, so that the references are fixed by the images alone.
     """
+    if posterior not in REFERENCE_LATENTS:
+        raise ValueError(f"posterior must be one of {REFERENCE_LATENTS}, got '{posterior}'")
     images = images.to(device=model.device, dtype=next(model.first_stage_model.parameters()).dtype)
-    return model.scale_factor * model.encode_first_stage(images).mode()
+    distribution = model.encode_first_stage(images)
+    latents = distribution.sample(generator) if posterior == "sample" else distribution.mode()
+    return model.scale_factor * latents
 
 
 def make_sampling_reference(model, images: Tensor, prompt: str) -> SamplingReference:
-    """Encode reference images ``[K, 3, H, W]`` (in [-1, 1]) and tokenize ``prompt``."""
+    """Encode reference images ``[K, 3, H, W]`` (in [-1, 1], posterior mode) and tokenize ``prompt``."""
     return SamplingReference(latents=encode_references(model, images), tokens=model.tokenize([prompt])[0])
 
 
@@ -75,16 +100,23 @@ def sample_prompt(
     latent_shape: tuple[int, int, int],
     steps: int,
     scale: float,
-    generator: torch.Generator | None,
-    eta: float = 0.0,
+    generator: Generator,
+    eta: float | None = None,
     record_attention: Collection[int] = (),
     verbose: bool = False,
+    negative_prompt: str = "",
 ) -> tuple[Tensor, dict]:
     """Sample ``n_samples`` images of one prompt with shared references.
 
+    Args:
+        generator: one generator for the whole batch, or one per sample (then sample ``k``
+            depends only on ``generator[k]``: it can be regenerated alone).
+        negative_prompt: the text of the unconditional branch of classifier-free guidance
+            (empty: plain guidance), which the guided prediction moves away from.
+
     Returns:
-        The decoded images ``[n_samples, 3, H, W]`` in [-1, 1] and the sampler's
-        intermediates (attention records of ``record_attention`` steps included).
+        The decoded images ``[n_samples, 3, H, W]``, clamped to the image range [-1, 1], and
+        the sampler's intermediates (attention records of ``record_attention`` steps included).
     """
     tokens = model.tokenize([prompt])
     latents, intermediates = sampler.sample(
@@ -94,13 +126,74 @@ def sample_prompt(
         conditioning=model.get_learned_conditioning(tokens),
         reference=SamplingReference(reference_latents, tokens[0]),
         unconditional_guidance_scale=scale,
-        unconditional_conditioning=model.get_learned_conditioning([""]) if scale != 1.0 else None,
+        unconditional_conditioning=model.get_learned_conditioning([negative_prompt]) if scale != 1.0 else None,
         eta=eta,
         generator=generator,
         verbose=verbose,
         record_attention=record_attention,
     )
-    return model.decode_first_stage(latents), intermediates
+    return model.decode_first_stage(latents).clamp(-1.0, 1.0), intermediates
+
+
+@torch.no_grad()
+def sample_seeded(
+    model,
+    sampler: ScheduledSampler,
+    prompt: str,
+    reference_images: Tensor,
+    seeds: Sequence[int],
+    reference_seed: int | None,
+    latent_shape: tuple[int, int, int],
+    steps: int,
+    scale: float,
+    eta: float | None = None,
+    negative_prompt: str = "",
+    record_attention: Collection[int] = (),
+    verbose: bool = False,
+) -> tuple[Tensor, dict]:
+    """Sample one image per seed, each from its own CPU generator, with shared references.
+
+    The references ``[K, 3, H, W]`` (in [-1, 1]) are encoded as a VAE posterior sample drawn
+    from ``reference_seed`` (the authors' sampling), or as the posterior mode when it is
+    ``None``. Image ``k`` depends only on ``seeds[k]``, the reference seed and the settings:
+    it can be made again alone. ``sample.py`` and :mod:`ldm.api` sample through here.
+    """
+    if reference_seed is None:
+        reference_latents = encode_references(model, reference_images)
+    else:
+        generator = torch.Generator().manual_seed(reference_seed)
+        reference_latents = encode_references(model, reference_images, "sample", generator)
+    return sample_prompt(
+        model,
+        sampler,
+        prompt,
+        reference_latents,
+        n_samples=len(seeds),
+        latent_shape=latent_shape,
+        steps=steps,
+        scale=scale,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        eta=eta,
+        record_attention=record_attention,
+        verbose=verbose,
+        negative_prompt=negative_prompt,
+    )
+
+
+def load_reference_images(paths: Sequence[PathLike], size: tuple[int, int], resize: str = "squash") -> np.ndarray:
+    """Reference photos as ``uint8 [K, H, W, 3]`` at the sampling size.
+
+    Args:
+        resize: ``"squash"`` resizes the whole photo with bilinear resampling (the authors'
+            sampling script); ``"crop"`` keeps the aspect ratio by cropping the centre, with
+            bicubic resampling (as the training photos' crop).
+
+    Raises:
+        ImageError: a photo is missing or does not decode.
+    """
+    if resize not in REFERENCE_RESIZE:
+        raise ValueError(f"resize must be one of {tuple(REFERENCE_RESIZE)}, got '{resize}'")
+    return np.stack([load_image(path, size, REFERENCE_RESIZE[resize], resize_mode=resize) for path in paths])
 
 
 def make_ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
@@ -162,9 +255,11 @@ class DDIMSchedule:
     def __len__(self) -> int:
         return self.timesteps.shape[0]
 
-    def step(
-        self, x: Tensor, eps: Tensor, index: int, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def step_timestep(self, step: int) -> float:
+        """The timestep of sampling step ``step`` (0 = the first, noisiest)."""
+        return float(self.timesteps[len(self) - 1 - step])
+
+    def step(self, x: Tensor, eps: Tensor, index: int, generator: Generator = None) -> tuple[Tensor, Tensor]:
         """One DDIM update from step ``index`` to the one below; returns ``(x_prev, pred_x0)``."""
         a_t, a_prev, sigma = self.alphas[index], self.alphas_prev[index], self.sigmas[index]
         pred_x0 = (x - self.sqrt_one_minus_alphas[index] * eps) / a_t.sqrt()
@@ -174,11 +269,17 @@ class DDIMSchedule:
         return x_prev, pred_x0
 
 
-def randn(
-    shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
-) -> Tensor:
+def randn(shape: tuple[int, ...], generator: Generator, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Gaussian noise drawn on the generator's device, then moved: a CPU generator gives the
-    same numbers whatever device the samples live on."""
+    same numbers whatever device the samples live on.
+
+    ``generator`` may be a sequence of one generator per row (``shape[0]`` of them): row ``k``
+    is then drawn from ``generator[k]`` alone, so it does not depend on the other rows.
+    """
+    if isinstance(generator, Sequence):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([randn(tuple(shape[1:]), g, device, dtype) for g in generator])
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
 
@@ -217,6 +318,8 @@ class GuidedDenoiser:
     ):
         self.model = model
         self.scale = float(unconditional_guidance_scale)
+        if not math.isfinite(self.scale):
+            raise ValueError(f"the guidance scale must be a finite number, got {unconditional_guidance_scale}")
         self.guided = unconditional_conditioning is not None and self.scale != 1.0
         cond = _batch_rows(conditioning, batch_size, "conditioning")
         branches = [cond]
@@ -289,28 +392,40 @@ class GuidedDenoiser:
 
 @dataclass
 class SamplingRun:
-    """State of one :meth:`ScheduledSampler.sample` call, passed to each update."""
+    """State of one :meth:`ScheduledSampler.sample` call, passed to each update.
 
-    schedule: DDIMSchedule
+    ``previous_eps`` and ``history`` keep what multistep samplers reuse from earlier steps.
+    """
+
+    schedule: Any
     denoiser: GuidedDenoiser
-    generator: torch.Generator | None
+    generator: Generator
+    eta: float = 0.0
     previous_eps: list[Tensor] = field(default_factory=list)
+    history: list[Tensor] = field(default_factory=list)
 
 
 class ScheduledSampler(ABC):
-    """Base of the DDIM and PLMS samplers: argument checks, initial noise and the loop.
+    """Base of the samplers: argument checks, initial noise and the loop.
 
-    Subclasses implement :meth:`update`, one step from DDIM index ``index`` down.
+    Subclasses implement :meth:`update`, one step from schedule index ``index`` down, and may
+    replace :meth:`make_schedule` (the sigma samplers of :mod:`ldm.models.diffusion.ksamplers`).
     """
 
     name = "sampler"
+    #: The ``eta`` of a :meth:`sample` call that passes none.
+    default_eta = 0.0
 
     def __init__(self, model):
         self.model = model
 
     def check_eta(self, eta: float) -> None:
-        if eta < 0:
-            raise ValueError(f"eta must be >= 0, got {eta}")
+        if not eta >= 0 or eta == float("inf"):
+            raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+
+    def make_schedule(self, steps: int, eta: float, device: torch.device) -> Any:
+        """The step sequence of a call (a :class:`DDIMSchedule` unless a sampler needs another)."""
+        return DDIMSchedule.from_model(self.model, steps, eta, device)
 
     @abstractmethod
     def update(
@@ -328,9 +443,9 @@ class ScheduledSampler(ABC):
         reference: SamplingReference | None = None,
         unconditional_guidance_scale: float = 1.0,
         unconditional_conditioning: Tensor | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         x_T: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: Generator = None,
         verbose: bool = True,
         callback: Callable[[int], None] | None = None,
         record_attention: Collection[int] = (),
@@ -339,13 +454,17 @@ class ScheduledSampler(ABC):
         """Sample ``batch_size`` latents of ``shape`` = ``(C, h, w)`` (CompVis call).
 
         Args:
-            S: number of DDIM steps (uniform CompVis schedule, see :func:`make_ddim_timesteps`).
+            S: number of steps (DDIM and PLMS: the uniform CompVis schedule, see
+                :func:`make_ddim_timesteps`).
             conditioning: text context, 1 or ``batch_size`` rows of the same prompt.
             reference: the shared reference images and prompt tokens; ``None`` samples plain SD.
             unconditional_guidance_scale, unconditional_conditioning: classifier-free guidance.
-            eta: DDIM stochasticity (0 = deterministic DDIM).
+            eta: stochasticity (DDIM: 0 = deterministic DDIM; Euler ancestral: 1 = ancestral);
+                ``None`` takes the sampler's :attr:`default_eta`.
             x_T: starting noise; drawn from ``generator`` otherwise.
-            generator: source of every random number of the call (initial and DDIM noise).
+            generator: source of every random number of the call (initial and step noise);
+                a sequence of one generator per sample makes each sample independent of
+                the others.
             verbose: show a tqdm progress bar.
             callback: called with the step number after every step.
             record_attention: step numbers (0 = the first, noisiest step) whose attention
@@ -356,9 +475,10 @@ class ScheduledSampler(ABC):
             ``(samples, intermediates)`` with ``intermediates`` holding ``x_inter``,
             ``pred_x0`` and ``attention``.
         """
+        eta = self.default_eta if eta is None else float(eta)
         self.check_eta(eta)
         device = self.model.device
-        schedule = DDIMSchedule.from_model(self.model, S, eta, device)
+        schedule = self.make_schedule(S, eta, device)
         total = len(schedule)
         record_steps = set(record_attention)
         outside = sorted(i for i in record_steps if not 0 <= i < total)
@@ -374,7 +494,7 @@ class ScheduledSampler(ABC):
         denoiser = GuidedDenoiser(
             self.model, conditioning, batch_size, unconditional_guidance_scale, unconditional_conditioning, reference
         )
-        run = SamplingRun(schedule, denoiser, generator)
+        run = SamplingRun(schedule, denoiser, generator, eta)
         intermediates: dict = {"x_inter": [x], "pred_x0": [x], "attention": {}}
         logger.debug("%s: %d steps", self.name, total)
         for i in tqdm(range(total), desc=self.name, total=total, disable=not verbose):
