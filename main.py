@@ -238,7 +238,7 @@ def read_stored_config(path: Path, run: Path) -> DictConfig:
     return config
 
 
-def lightning_schema() -> dict[str, Any]:
+def lightning_defaults() -> dict[str, Any]:
     """The defaults of the ``lightning`` section, merged under the config's (as CompVis does).
 
     Run-specific paths (``dirpath``, ``save_dir``, ``logdir``) are added when instantiating.
@@ -323,7 +323,7 @@ def check_schema(config: Mapping[str, Any]) -> None:
         if section not in config:
             raise ConfigError(f"the config has no '{section}' section")
         check_instantiable(config[section], section, {"model": ["base_learning_rate"]})
-    lightning = OmegaConf.to_container(OmegaConf.merge(lightning_schema(), config.get("lightning") or {}))
+    lightning = OmegaConf.to_container(OmegaConf.merge(lightning_defaults(), config.get("lightning") or {}))
     check_keys(lightning, "lightning", LIGHTNING_KEYS)
     check_parameters(lightning["trainer"] or {}, pl.Trainer, "lightning.trainer")
     logger_flag = (lightning["trainer"] or {}).get("logger", True)
@@ -524,7 +524,7 @@ def build_trainer(
     config: DictConfig, opt: argparse.Namespace, devices: tuple[str, list[int] | int], logdir: Path, session: str
 ) -> pl.Trainer:
     """The trainer: the run's defaults, then the config's ``lightning.trainer`` over them."""
-    lightning = OmegaConf.merge(lightning_schema(), config.get("lightning") or {})
+    lightning = OmegaConf.merge(lightning_defaults(), config.get("lightning") or {})
     accelerator, device_list = devices
     n_processes = (len(device_list) if isinstance(device_list, list) else device_list) * opt.num_nodes
     params: dict[str, Any] = {
