@@ -203,6 +203,17 @@ def test_diffusers_folder_loads_the_same_weights(small_sd, tmp_path, vae_names, 
         assert torch.equal(value, source[key]), key
 
 
+def test_a_diffusers_folder_as_the_configs_base(small_sd, tmp_path):
+    """``--actual_resume``/``--base_ckpt`` end up as ``model.params.ckpt_path``, read at construction."""
+    folder = tmp_path / "sd"
+    fabricate_diffusers_folder(small_sd, folder)
+    config = small_sd_config()
+    config.model.params.ckpt_path = str(folder)
+    model = instantiate_from_config(config.model)
+    for key, value in model.base_state_dict().items():
+        assert torch.equal(value, small_sd.base_state_dict()[key]), key
+
+
 def test_diffusers_folder_errors_are_one_line(small_sd, tmp_path):
     folder = tmp_path / "sd"
     fabricate_diffusers_folder(small_sd, folder)
