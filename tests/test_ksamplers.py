@@ -119,9 +119,14 @@ def test_samplers_by_name_and_their_checks(tiny):
         make_sampler("heun", tiny)
     with pytest.raises(ValueError, match="uniform DDIM timesteps"):
         make_sampler("ddim", tiny, "karras")
-    _, c, _ = conditioning(tiny)
+    _, c, uc = conditioning(tiny)
     with pytest.raises(ValueError, match="eta must be 0 for DPM-Solver"):
         make_sampler("dpmpp_2m", tiny).sample(3, 1, LATENT, c, eta=0.5, verbose=False)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="the guidance scale must be a finite number"):
+            make_sampler("euler_a", tiny).sample(3, 1, LATENT, c, None, bad, uc, verbose=False)
+        with pytest.raises(ValueError, match="eta must be a finite number >= 0"):
+            make_sampler("ddim", tiny).sample(3, 1, LATENT, c, eta=bad, verbose=False)
 
 
 # ------------------------------------------------------------------ tiny model
