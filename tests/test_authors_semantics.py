@@ -18,7 +18,7 @@ from torch import nn
 
 from ldm.models.diffusion.sampling import DDIMSchedule, GuidedDenoiser, SamplingReference, encode_references
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.vico import attention_regularizer, otsu_mask
+from ldm.modules.vico import ReferenceCondition, attention_regularizer, otsu_mask
 from ldm.util import instantiate_from_config
 from tests.test_vico_unet import TINY_LAYERS, inputs, make_reference, tiny_unet
 
@@ -299,3 +299,28 @@ def test_training_reference_stream_gets_the_caption_and_the_step_timestep(tiny_m
         assert torch.equal(reference.context, tiny_model.get_learned_conditioning(captions))
     assert reference.context is captured["context"] and reference.timesteps is None  # = the noisy t
     assert reference.placeholder_index.tolist() == [5, 6] and reference.eot_index.tolist() == [6, 7]
+
+
+def test_loss_is_eq7_on_hand_made_numbers(tiny_model, monkeypatch):
+    """L = ||eps - eps_theta||^2 (mean) + 5e-4 * sum over patched layers of L_reg (the authors'
+    ``loss_reg_all += loss_reg`` then ``loss_reg * 5e-4``), the noise being the target."""
+    seen = {}
+
+    def apply_model(x_noisy, t, context, reference=None):
+        seen["compute_regularizer"] = reference.compute_regularizer
+        reference.regularizer_terms += [torch.tensor(0.5), torch.tensor(1.5)]  # two patched layers
+        return torch.full_like(x_noisy, 0.25)
+
+    monkeypatch.setattr(tiny_model, "apply_model", apply_model)
+    x0, noise = torch.zeros(2, 4, 16, 16), torch.ones(2, 4, 16, 16)
+    reference = ReferenceCondition(
+        latent=torch.zeros(2, 4, 16, 16),
+        context=torch.zeros(2, 77, 32),
+        placeholder_index=torch.tensor([4, 4]),
+        eot_index=torch.tensor([5, 5]),
+    )
+    loss, logs = tiny_model.p_losses(x0, torch.tensor([3, 700]), torch.zeros(2, 77, 32), reference, noise=noise)
+    assert seen["compute_regularizer"]
+    assert logs["loss_simple"].item() == pytest.approx(0.75**2)
+    assert logs["loss_reg"].item() == pytest.approx(2.0)
+    assert loss.item() == pytest.approx(0.75**2 + 5e-4 * 2.0)
