@@ -18,6 +18,7 @@ from ldm.evaluation.miniworld import (
     WorldClassifier,
     classify,
     load_classifier,
+    mask_targets,
     save_classifier,
     scene_labels,
     stack_labels,
@@ -76,14 +77,34 @@ def test_random_objects_cover_single_parts_and_composites():
     assert classifier_scene(5, 0.5) == classifier_scene(5, 0.5)
 
 
-def test_augmentation_keeps_shapes_and_range():
-    scenes = [classifier_scene(s, 0.6) for s in range(4)]
-    images = to_tensor(np.stack([render(s).image for s in scenes]))
+def test_augmentation_mirrors_masks_with_pictures():
+    scenes = [classifier_scene(s, 0.6) for s in range(8)]
+    renderings = [render(s) for s in scenes]
+    images = to_tensor(np.stack([r.image for r in renderings]))
+    masks = mask_targets(np.stack([r.mask for r in renderings]))
     generator = torch.Generator().manual_seed(0)
-    augmented, labels = augment(images.clone(), labels_of(*scenes), generator)
+    augmented, augmented_masks, labels = augment(images.clone(), masks, labels_of(*scenes), generator)
     assert augmented.shape == images.shape and augmented.min() >= -1 and augmented.max() <= 1
     assert set(labels) == set(HEADS)
-    assert torch.allclose(gaussian_blur(images, torch.zeros(4)), images, atol=1e-5)  # sigma 0: unchanged
+    flipped = [i for i in range(8) if not torch.equal(augmented_masks[i], masks[i])]
+    assert flipped and all(torch.equal(augmented_masks[i], masks[i].flip(-1)) for i in flipped)
+
+
+def test_mask_targets_are_the_covered_share_of_each_cell():
+    mask = np.zeros((1, 64, 64), dtype=bool)
+    mask[0, :, :32] = True  # the left half
+    mask[0, 0:4, 32:40] = True  # half of the cell at (0, 4)
+    targets = mask_targets(mask)
+    assert targets.shape == (1, 8, 8)
+    assert torch.all(targets[0, :, :4] == 1) and targets[0, 0, 4] == 0.5 and targets[0, 1:, 4:].sum() == 0
+
+
+def test_gaussian_blur_per_picture():
+    images = torch.zeros(2, 3, 9, 9)
+    images[:, :, 4, 4] = 1.0
+    blurred = gaussian_blur(images, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(blurred[0], images[0], atol=1e-6)  # sigma 0: unchanged
+    assert blurred[1, 0, 4, 4] < 0.2 and torch.isclose(blurred[1].sum(), images[1].sum())  # spread, mass kept
 
 
 def test_classifier_file_round_trip(tmp_path):
@@ -108,16 +129,14 @@ def test_classifier_file_errors(tmp_path):
         load_classifier(other)
 
 
+@pytest.mark.slow
 def test_briefly_trained_classifier_beats_chance(tmp_path):
-    """A few hundred steps on a small set of renders already read the scene, colours and shape."""
-    torch.set_num_threads(1)
-    recipe = ClassifierRecipe(scenes=1500, heldout=300, steps=200, batch_size=32)
+    """A hundred-odd steps on a few hundred renders already read the scene and the colours."""
+    recipe = ClassifierRecipe(scenes=800, heldout=200, steps=120, batch_size=32)
     model, report = train_classifier(recipe, cache_dir=tmp_path)
     accuracy = report.heldout_accuracy
-    chance = {head: 1 / len(classes) for head, classes in HEADS.items()}
-    assert accuracy["scene"] > 0.8
-    for head in ("colour_0", "colour_1", "shape"):
-        assert accuracy[head] > 2.5 * chance[head], (head, accuracy)
+    assert accuracy["scene"] > 0.6, accuracy  # chance: 1/8
+    assert accuracy["colour_0"] > 0.3 and accuracy["colour_1"] > 0.3, accuracy  # chance: 1/10
     record = write_classifier(model, report, tmp_path / "classifier.safetensors", "test command")
     assert json.loads(record.read_text())["command"] == "test command"
     assert load_classifier(tmp_path / "classifier.safetensors").feature_dim == model.feature_dim

@@ -67,6 +67,13 @@ def scene_labels(scene: Scene) -> dict[str, int]:
     return {**object_labels(scene.main), "scene": HEADS["scene"].index(scene.background)}
 
 
+def mask_targets(masks: np.ndarray) -> Tensor:
+    """``bool [N, 64, 64]`` object masks -> the share of each :data:`MASK_GRID` cell they cover, ``[N, g, g]``."""
+    cell = IMAGE_SIZE // MASK_GRID
+    covered = torch.from_numpy(np.ascontiguousarray(masks)).float()
+    return covered.reshape(-1, MASK_GRID, cell, MASK_GRID, cell).mean(dim=(2, 4))
+
+
 def stack_labels(rows: Sequence[Mapping[str, int]]) -> Labels:
     """Per-picture label dicts -> one ``int64 [N]`` array per head."""
     return {head: np.array([row[head] for row in rows], dtype=np.int64) for head in HEADS}
@@ -84,10 +91,16 @@ def _conv(in_channels: int, out_channels: int) -> list[nn.Module]:
 
 @dataclass
 class WorldOutput:
-    """The logits of every head (``[N, classes]``) and the feature vectors ``[N, feature_dim]``."""
+    """The logits of every head (``[N, classes]``), the feature vectors ``[N, feature_dim]`` and
+    the logits of the main object's mask on a :data:`MASK_GRID` grid, ``[N, MASK_GRID, MASK_GRID]``."""
 
     logits: dict[str, Tensor]
     features: Tensor
+    mask_logits: Tensor
+
+
+#: Side of the grid on which the classifier also predicts the main object's mask.
+MASK_GRID = 8
 
 
 class WorldClassifier(nn.Module):
@@ -95,32 +108,36 @@ class WorldClassifier(nn.Module):
 
     The 64x64 picture is folded into 32x32 cells of 2x2 pixels (pixel unshuffle: no detail
     is lost, and convolutions at full resolution would cost most of the training time on a
-    CPU), then three conv stages (``widths``; the middle one has two convolutions) each halve
-    the side, down to a 4x4 grid. The grid is flattened, so that the heads know where in the
-    picture each feature is (which the left/right and top/bottom halves need), and projected
-    to ``feature_dim``: the feature vector of the similarity metric. The heads read it after
-    a ReLU.
+    CPU); conv stages of ``widths`` (one, two, two and one convolutions) bring it to an 8x8
+    grid, where a 1x1 convolution predicts which cells are the main object, and then to a
+    4x4 grid whose cells see the whole object. The mask is an auxiliary training target:
+    telling the object from a background as textured as itself is what shape and notch need,
+    and a dense target teaches it far sooner than the class labels alone. Every attribute is
+    relative to the object, wherever it stands in the picture, so the 4x4 grid is pooled
+    globally (mean and max) and projected to ``feature_dim``: the feature vector of the
+    similarity metric. The heads read it after a ReLU.
     """
 
-    def __init__(self, widths: Sequence[int] = (32, 48, 64), feature_dim: int = 96):
+    def __init__(self, widths: Sequence[int] = (32, 48, 64, 96), feature_dim: int = 96):
         super().__init__()
-        if len(widths) != 3:
-            raise ValueError(f"the classifier has three stages, got widths {list(widths)}")
+        if len(widths) != 4:
+            raise ValueError(f"the classifier has four stages, got widths {list(widths)}")
         self.widths = tuple(int(w) for w in widths)
         self.feature_dim = int(feature_dim)
-        first, middle, last = self.widths
-        self.body = nn.Sequential(
+        first, second, third, last = self.widths
+        self.encoder = nn.Sequential(
             nn.PixelUnshuffle(2),
             *_conv(12, first),
             nn.MaxPool2d(2),
-            *_conv(first, middle),
-            *_conv(middle, middle),
+            *_conv(first, second),
+            *_conv(second, second),
             nn.MaxPool2d(2),
-            *_conv(middle, last),
-            nn.MaxPool2d(2),
+            *_conv(second, third),
+            *_conv(third, third),
         )
-        side = IMAGE_SIZE // 16
-        self.project = nn.Linear(last * side * side, self.feature_dim)
+        self.mask_head = nn.Conv2d(third, 1, 1)
+        self.top = nn.Sequential(nn.MaxPool2d(2), *_conv(third, last))
+        self.project = nn.Linear(2 * last, self.feature_dim)
         self.dropout = nn.Dropout(0.2)
         self.heads = nn.ModuleDict({name: nn.Linear(self.feature_dim, len(classes)) for name, classes in HEADS.items()})
         self.to(memory_format=torch.channels_last)  # about 1.5x faster convolutions on a CPU
@@ -129,10 +146,13 @@ class WorldClassifier(nn.Module):
         """``images``: ``[N, 3, H, W]`` in [-1, 1]; other sides than 64 are resized to 64."""
         if images.shape[-2:] != (IMAGE_SIZE, IMAGE_SIZE):
             images = F.interpolate(images, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear", antialias=True)
-        grid = self.body(images.contiguous(memory_format=torch.channels_last))
-        features = self.project(grid.flatten(1))
+        cells = self.encoder(images.contiguous(memory_format=torch.channels_last))
+        grid = self.top(cells)
+        pooled = torch.cat([grid.mean(dim=(2, 3)), grid.amax(dim=(2, 3))], dim=1)
+        features = self.project(pooled)
         hidden = self.dropout(F.relu(features))
-        return WorldOutput({name: head(hidden) for name, head in self.heads.items()}, features)
+        logits = {name: head(hidden) for name, head in self.heads.items()}
+        return WorldOutput(logits, features, self.mask_head(cells)[:, 0])
 
     def config(self) -> dict:
         return {"widths": list(self.widths), "feature_dim": self.feature_dim, "heads": {k: list(v) for k, v in HEADS.items()}}

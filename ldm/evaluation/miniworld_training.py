@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -48,7 +48,9 @@ from ldm.evaluation.miniworld import (
     UNDEFINED,
     Labels,
     WorldClassifier,
+    WorldOutput,
     classify,
+    mask_targets,
     save_classifier,
     scene_labels,
     stack_labels,
@@ -83,17 +85,19 @@ class ClassifierRecipe:
     weight_decay: float = 1e-4
     composite_probability: float = 0.6
     autoencoder_fraction: float = 0.5
-    widths: tuple[int, ...] = (32, 48, 64)
+    widths: tuple[int, ...] = (32, 48, 64, 96)
     feature_dim: int = 96
     seed: int = 0
 
 
 @dataclass
 class LabelledPictures:
-    """``uint8 [N, 64, 64, 3]`` pictures and their labels (``int64 [N]`` per head)."""
+    """``uint8 [N, 64, 64, 3]`` pictures, their labels (``int64 [N]`` per head) and the main
+    objects' masks (``bool [N, 64, 64]``)."""
 
     images: np.ndarray
     labels: Labels
+    masks: np.ndarray
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -126,9 +130,11 @@ def scene_seeds(count: int, seed: int, stream: int) -> list[int]:
 
 def render_labelled(scenes: Sequence[Scene], desc: str) -> LabelledPictures:
     images = np.empty((len(scenes), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+    masks = np.empty((len(scenes), IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
     for index, scene in enumerate(tqdm(scenes, desc=desc, unit="scene", leave=False)):
-        images[index] = render(scene).image
-    return LabelledPictures(images, stack_labels([scene_labels(s) for s in scenes]))
+        rendering = render(scene)
+        images[index], masks[index] = rendering.image, rendering.mask
+    return LabelledPictures(images, stack_labels([scene_labels(s) for s in scenes]), masks)
 
 
 def render_split(recipe: ClassifierRecipe, stream: int, cache_dir: Path | None) -> LabelledPictures:
@@ -139,14 +145,14 @@ def render_split(recipe: ClassifierRecipe, stream: int, cache_dir: Path | None) 
     cache = cache_dir / name if cache_dir is not None else None
     if cache is not None and cache.is_file():
         data = np.load(cache)
-        return LabelledPictures(data["images"], {head: data[head] for head in HEADS})
+        return LabelledPictures(data["images"], {head: data[head] for head in HEADS}, data["masks"])
     seeds = scene_seeds(count, recipe.seed, stream)
     scenes = [classifier_scene(s, recipe.composite_probability) for s in seeds]
     pictures = render_labelled(scenes, f"rendering {split} scenes")
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache.with_name(f".{cache.stem}.tmp.npz")
-        np.savez(temporary, images=pictures.images, **pictures.labels)
+        np.savez(temporary, images=pictures.images, masks=pictures.masks, **pictures.labels)
         os.replace(temporary, cache)
     return pictures
 
@@ -186,9 +192,12 @@ def gaussian_blur(images: Tensor, sigma: Tensor) -> Tensor:
     return blurred.reshape(n, c, h, w)
 
 
-def augment(images: Tensor, labels: Mapping[str, Tensor], generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
-    """Light, label-preserving changes that generated pictures show: mirroring (labels
-    mirrored), blur, down- and up-sampling, brightness/contrast/channel-gain jitter, noise."""
+def augment(
+    images: Tensor, masks: Tensor, labels: Mapping[str, Tensor], generator: torch.Generator
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Light, label-preserving changes that generated pictures show: mirroring (labels and
+    mask targets ``[N, g, g]`` mirrored too), blur, down- and up-sampling,
+    brightness/contrast/channel-gain jitter, noise."""
     n = images.shape[0]
 
     def uniform(low: float, high: float, *shape: int) -> Tensor:
@@ -197,6 +206,7 @@ def augment(images: Tensor, labels: Mapping[str, Tensor], generator: torch.Gener
     flip = torch.rand(n, generator=generator) < 0.5
     mirrored, mirrored_labels = mirror(images, labels)
     images = torch.where(flip[:, None, None, None], mirrored, images)
+    masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
     labels = {head: torch.where(flip, mirrored_labels[head], value) for head, value in labels.items()}
     blur = torch.where(torch.rand(n, generator=generator) < 0.5, uniform(0.3, 1.0), torch.zeros(n))
     images = gaussian_blur(images, blur)
@@ -209,7 +219,7 @@ def augment(images: Tensor, labels: Mapping[str, Tensor], generator: torch.Gener
     contrast = uniform(0.85, 1.15, 1, 1, 1)
     images = ((images - mean) * contrast + mean + 1) * gain - 1
     images = images + uniform(0.0, 0.08, 1, 1, 1) * torch.randn(images.shape, generator=generator)
-    return images.clamp(-1, 1), labels
+    return images.clamp(-1, 1), masks, labels
 
 
 # -------------------------------------------------------------- autoencoder
@@ -250,19 +260,18 @@ def replace_with_round_trips(pictures: LabelledPictures, autoencoder, fraction: 
 
 
 # ------------------------------------------------------------------ training
-def classification_loss(logits: Mapping[str, Tensor], labels: Mapping[str, Tensor]) -> Tensor:
-    """Sum over heads of the cross-entropy (undefined labels skipped)."""
-    total = torch.zeros(())
-    for head, head_logits in logits.items():
+def classification_loss(output: WorldOutput, labels: Mapping[str, Tensor], masks: Tensor) -> Tensor:
+    """Sum over heads of the cross-entropy (undefined labels skipped), plus the binary
+    cross-entropy of the mask head against the covered share of each cell."""
+    total = F.binary_cross_entropy_with_logits(output.mask_logits, masks)
+    for head, head_logits in output.logits.items():
         target = labels[head]
         if bool((target != UNDEFINED).any()):
             total = total + F.cross_entropy(head_logits, target, ignore_index=UNDEFINED)
     return total
 
 
-def train_network(
-    recipe: ClassifierRecipe, train: LabelledPictures, progress: Callable[[int, float], None] | None = None
-) -> WorldClassifier:
+def train_network(recipe: ClassifierRecipe, train: LabelledPictures) -> WorldClassifier:
     """Train a fresh classifier for ``recipe.steps`` steps on ``train`` (random batches, augmented)."""
     torch.manual_seed(recipe.seed)
     model = WorldClassifier(recipe.widths, recipe.feature_dim)
@@ -270,18 +279,19 @@ def train_network(
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, recipe.learning_rate, total_steps=recipe.steps)
     generator = torch.Generator().manual_seed(recipe.seed)
     images = to_tensor(train.images)
+    masks = mask_targets(train.masks)
     labels = {head: torch.from_numpy(values) for head, values in train.labels.items()}
     model.train()
     for step in tqdm(range(recipe.steps), desc="training the world classifier", unit="step"):
         index = torch.randint(len(train), (recipe.batch_size,), generator=generator)
-        batch, batch_labels = augment(images[index], {h: v[index] for h, v in labels.items()}, generator)
-        loss = classification_loss(model(batch).logits, batch_labels)
+        batch, batch_masks, batch_labels = augment(
+            images[index], masks[index], {h: v[index] for h, v in labels.items()}, generator
+        )
+        loss = classification_loss(model(batch), batch_labels, batch_masks)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
-        if progress is not None:
-            progress(step, float(loss))
     return model.eval()
 
 
@@ -351,7 +361,9 @@ def train_classifier(
     if autoencoder is not None:
         started = time.time()
         replace_with_round_trips(train, autoencoder, recipe.autoencoder_fraction, recipe.seed)
-        heldout_round_trip = LabelledPictures(autoencoder_round_trip(autoencoder, heldout.images), heldout.labels)
+        heldout_round_trip = LabelledPictures(
+            autoencoder_round_trip(autoencoder, heldout.images), heldout.labels, heldout.masks
+        )
         seconds["autoencoder"] = time.time() - started
     started = time.time()
     model = train_network(recipe, train)
