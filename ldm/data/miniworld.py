@@ -495,13 +495,19 @@ class ConceptSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptSpec:
+        """A spec file, or the ``concept.yaml`` of a concept folder (a folder may be given),
+        whose provenance fields (``photos``, ``seed``: how make-concept drew the photos) are
+        not part of the spec."""
         path = Path(path)
+        if path.is_dir():
+            path = path / "concept.yaml"
         if not path.is_file():
             raise ValueError(f"concept spec not found: {path}")
         data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         if not isinstance(data, Mapping):
             raise ValueError(f"{path}: a concept spec is a mapping of fields")
-        return cls.from_mapping(data, str(path))
+        spec = {key: value for key, value in data.items() if key not in CONCEPT_FOLDER_FIELDS}
+        return cls.from_mapping(spec, str(path))
 
     def to_mapping(self) -> dict[str, Any]:
         obj = self.object
@@ -515,6 +521,8 @@ class ConceptSpec:
         }
 
 
+#: Fields make-concept adds to a folder's concept.yaml besides the spec: how its photos were drawn.
+CONCEPT_FOLDER_FIELDS = ("photos", "seed")
 #: Concept photos are drawn with less rotation than pretraining scenes, so that "left half"
 #: stays a left half in the picture, and always alone (no second object).
 CONCEPT_SAMPLER = WorldSampler(main_radius=(15.0, 22.0), extra_probability=0.0, max_angle=20.0)
