@@ -538,10 +538,20 @@ def build_trainer(
         "plugins": [AtomicCheckpointIO()],
         **OmegaConf.to_container(lightning.trainer, resolve=True),
     }
+    if params.get("precision") is None:
+        params["precision"] = default_precision(accelerator)
+        logger.info("lightning.trainer.precision not set: training in %s", params["precision"])
     use_loggers = params.pop("logger", True)
     params["logger"] = build_loggers(lightning, logdir, session, logdir.name) if use_loggers else False
     params["callbacks"] = build_callbacks(lightning, logdir, session, params.get("enable_progress_bar", True) is not False)
     return pl.Trainer(**params)
+
+
+def default_precision(accelerator: str) -> str:
+    """bf16-mixed on GPUs that compute in bf16 (autocast; the trained weights stay fp32), else 32."""
+    if accelerator == "gpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bf16-mixed"
+    return "32"
 
 
 @torch.no_grad()

@@ -162,24 +162,43 @@ class StepTime(pl.Callback):
     """Logs ``train/step_time``: seconds of compute per optimisation step (all its micro-batches).
 
     Measured from the start of the step's first batch to the end of its last (forward,
-    backward, optimiser), so data loading, previews and checkpoints are not counted.
+    backward, optimiser), so data loading, previews and checkpoints are not counted. On CUDA
+    the step is bracketed by two events read only once the GPU has passed them (no host
+    synchronisation per step): the value logged at a step is the time of the latest step the
+    GPU has finished, usually that step or one a few steps earlier.
     """
 
     def __init__(self) -> None:
         super().__init__()
-        self._start: float | None = None
+        self._start: Any = None
+        self._pending: list[tuple[Any, Any]] = []
+
+    @staticmethod
+    def _mark(pl_module: pl.LightningModule) -> Any:
+        if pl_module.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:
-            self._start = time.perf_counter()
+            self._start = self._mark(pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._start is None or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        pl_module.log("train/step_time", time.perf_counter() - self._start, on_step=True, on_epoch=False, batch_size=1)
-        self._start = None
+        end, start, self._start = self._mark(pl_module), self._start, None
+        if not isinstance(end, torch.cuda.Event):
+            pl_module.log("train/step_time", end - start, on_step=True, on_epoch=False, batch_size=1)
+            return
+        self._pending.append((start, end))
+        seconds = None
+        while self._pending and self._pending[0][1].query():  # query() does not wait for the GPU
+            first, last = self._pending.pop(0)
+            seconds = first.elapsed_time(last) / 1e3
+        if seconds is not None:
+            pl_module.log("train/step_time", seconds, on_step=True, on_epoch=False, batch_size=1)
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -205,7 +224,11 @@ class StepProgressBar(TQDMProgressBar):
         bar = self.train_progress_bar
         if bar is not None and not bar.disable and self._should_update(trainer.global_step, trainer.max_steps):
             bar.n = trainer.global_step
-            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            if trainer.global_step % trainer.log_every_n_steps == 0 or trainer.global_step >= trainer.max_steps:
+                # the loss lives on the device: read it only when Lightning logs (and reads it) anyway
+                bar.set_postfix(self.get_metrics(trainer, pl_module))
+            else:
+                bar.refresh()
 
 
 class ImageLogger(pl.Callback):

@@ -210,5 +210,6 @@ class PersonalizedDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=trainer.strategy.root_device.type == "cuda",  # asynchronous copies to the GPU
         )
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
+from ldm.modules.precision import autocast_dtype, cache_autocast_weights, release_autocast_weights
 from ldm.modules.vico import ReferenceCondition
 from ldm.util import CheckpointError, check_state_dict, instantiate_from_config, is_base_key, load_base_checkpoint
 
@@ -198,7 +199,10 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.cond_stage_model.tokenize(list(prompts)).to(self.device)
+        tokens = self.cond_stage_model.tokenize(list(prompts))
+        if self.device.type == "cuda":  # pinned and asynchronous: the host does not wait for the GPU
+            return tokens.pin_memory().to(self.device, non_blocking=True)
+        return tokens.to(self.device)
 
     def get_learned_conditioning(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
         """Text context ``[B, 77, 768]`` with S* substituted by the embedding manager."""
@@ -304,6 +308,13 @@ class LatentDiffusion(pl.LightningModule):
             raise RuntimeError(f"only S* and the image attention may train; check {wrong[:3]}")
         dataset = self.trainer.datamodule.train_dataset
         self.cache_first_stage(dataset.pixels(), with_flips=dataset.flip_p > 0)
+        dtype = autocast_dtype(self.trainer.precision)
+        if dtype is not None:  # the frozen UNet and text encoder, cast once (bit-identical to autocast's casts)
+            cache_autocast_weights(self.model, dtype)
+            cache_autocast_weights(self.cond_stage_model, dtype)
+
+    def on_train_end(self) -> None:
+        release_autocast_weights(self)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """Randomness of one training step as a function of (seed, step, micro-batch, rank).
