@@ -1,4 +1,4 @@
-"""Attention blocks of the SD v1 UNet, with ViCo's optional image-attention branch.
+"""Attention blocks of the SD v1 / 2.x UNet, with ViCo's optional image-attention branch.
 
 State-dict names follow CompVis (``attn1``, ``attn2``, ``ff.net``, ``norm1..3``, ``proj_in``,
 ``proj_out``) so SD checkpoints load by name; the branch is a whole
@@ -178,13 +178,16 @@ class SpatialTransformer(nn.Module):
         otsu_thresholds: int = 10,
         layer_index: int = 0,
         use_checkpoint: bool = False,
+        use_linear: bool = False,
     ):
         super().__init__()
         if image_attention_mask not in MASK_MODES:
             raise ValueError(f"image_attention_mask must be one of {MASK_MODES}, got '{image_attention_mask}'")
         inner_dim = n_heads * d_head
         self.norm = normalization(in_channels, eps=1e-6)
-        self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        # SD v1: 1x1 convolutions; SD 2.x (use_linear_in_transformer): linear layers on the tokens
+        self.use_linear = use_linear
+        self.proj_in = nn.Linear(in_channels, inner_dim) if use_linear else nn.Conv2d(in_channels, inner_dim, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             [
                 BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim, use_checkpoint=use_checkpoint)
@@ -196,7 +199,9 @@ class SpatialTransformer(nn.Module):
             if image_attention
             else None
         )
-        self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+        self.proj_out = zero_module(
+            nn.Linear(inner_dim, in_channels) if use_linear else nn.Conv2d(inner_dim, in_channels, kernel_size=1)
+        )
         self.image_attention_mask = image_attention_mask
         self.otsu_thresholds = otsu_thresholds
         self.layer_index = layer_index
@@ -206,9 +211,13 @@ class SpatialTransformer(nn.Module):
         return self.image_cross_attention is not None
 
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_linear:
+            return self.proj_in(rearrange(self.norm(x), "b c h w -> b (h w) c"))
         return rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")
 
     def _from_tokens(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.use_linear:
+            return rearrange(self.proj_out(tokens), "b (h w) c -> b c h w", h=height, w=width)
         return self.proj_out(rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width))
 
     def forward(

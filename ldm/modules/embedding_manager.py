@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ldm.modules.encoders.modules import CLIPTokenizer, FrozenCLIPEmbedder
+from ldm.modules.encoders.modules import CLIPTokenizer, FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class EmbeddingManager(nn.Module):
 
     def __init__(
         self,
-        embedder: FrozenCLIPEmbedder,
+        embedder: FrozenCLIPEmbedder | FrozenOpenCLIPEmbedder,
         placeholder_strings: Sequence[str] = ("*",),
         initializer_words: Sequence[str] | None = None,
         num_vectors_per_token: int = 1,
@@ -91,6 +91,12 @@ class EmbeddingManager(nn.Module):
             token_id = single_token_id(
                 embedder.tokenizer, placeholder, "placeholder string", "choose a string that is a single token"
             )
+            if token_id in (embedder.tokenizer.pad_token_id, self.eos_token_id):
+                # OpenCLIP pads with id 0 ("!"): that placeholder would match every padding position
+                raise ValueError(
+                    f"placeholder string {placeholder!r} is token {token_id}, which this text encoder's "
+                    f"tokenizer uses for padding or end of text; choose another string"
+                )
             if index < len(initializer_words):
                 word = initializer_words[index]
                 init_id = single_token_id(
@@ -151,6 +157,8 @@ class EmbeddingManager(nn.Module):
     ) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
         """Locates the (first) placeholder and the end-of-text token in each row of the text context.
 
+        End of text is the first end-of-text id of the row, for both tokenizers: SD v1's pads with
+        that id (the first one ends the prompt), OpenCLIP's (SD 2.x) pads with 0 after a single one.
         Positions are those of the embeddings :meth:`forward` returns: with several vectors per
         token every placeholder occurrence before a token shifts it right, so the end-of-text
         index is taken after that expansion and the placeholder index is that of its first vector

@@ -134,6 +134,8 @@ class UNetModel(nn.Module):
         image_attention_mask: ``"logits"`` (authors' code), ``"probs"`` (paper Eq. 5) or
             ``"none"`` (no mask; ablation).
         otsu_thresholds: number of candidate thresholds of the Otsu search.
+        use_linear_in_transformer: SD 2.x: the spatial transformers project in and out with
+            linear layers instead of 1x1 convolutions (``num_head_channels: 64`` sets the heads).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class UNetModel(nn.Module):
         image_size: int | None = None,
         use_spatial_transformer: bool = True,
         legacy: bool = False,
+        use_linear_in_transformer: bool = False,
     ):
         super().__init__()
         if not use_spatial_transformer:
@@ -188,6 +191,7 @@ class UNetModel(nn.Module):
                 otsu_thresholds=otsu_thresholds,
                 layer_index=transformer_count,
                 use_checkpoint=use_checkpoint,
+                use_linear=use_linear_in_transformer,
             )
             transformer_count += 1
             return block

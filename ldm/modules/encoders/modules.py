@@ -1,12 +1,16 @@
-"""Conditioning encoders for Stable Diffusion v1: an offline CLIP tokenizer and the frozen CLIP text encoder."""
+"""Conditioning encoders: an offline CLIP tokenizer, the frozen CLIP ViT-L/14 text encoder of Stable
+Diffusion v1 and the frozen OpenCLIP ViT-H/14 text encoder of Stable Diffusion 2.x."""
 
 from __future__ import annotations
 
 import functools
+import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
+import open_clip
 from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -23,22 +27,26 @@ def _bundled_bpe() -> SimpleTokenizer:
 
 
 class CLIPTokenizer:
-    """OpenAI CLIP tokenizer that works offline, padding the way SD v1 expects.
+    """OpenAI CLIP tokenizer that works offline, padding the way the text encoder was trained.
 
-    Token ids are identical to OpenAI CLIP's (open_clip bundles the same BPE vocabulary). Unlike
-    ``open_clip.tokenize``, which pads with 0, rows are padded with the end-of-text id: SD v1 was trained
-    with that padding and the padded positions are part of the UNet's cross-attention context.
+    Token ids are identical to OpenAI CLIP's (open_clip bundles the same BPE vocabulary). By default
+    rows are padded with the end-of-text id, as SD v1's tokenizer does (the padded positions are part
+    of the UNet's cross-attention context); SD 2.x's OpenCLIP encoder was trained with
+    ``open_clip.tokenize``, which pads with 0 (``pad_token_id=0``). Either way the first end-of-text
+    token of a row ends the prompt.
 
     Args:
         max_length: Length of every tokenized row, start and end tokens included.
+        pad_token_id: Id written after the end-of-text token; ``None`` means the end-of-text id.
     """
 
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     max_length: int = 77
 
-    def __init__(self, max_length: int = 77) -> None:
+    def __init__(self, max_length: int = 77, pad_token_id: int | None = None) -> None:
         self.max_length = max_length
+        self.pad_token_id = self.eos_token_id if pad_token_id is None else pad_token_id
         self._bpe = _bundled_bpe()
 
     def encode(self, text: str) -> list[int]:
@@ -48,12 +56,12 @@ class CLIPTokenizer:
     def __call__(self, texts: str | Sequence[str]) -> torch.LongTensor:
         """Tokenizes a batch into a ``[B, max_length]`` LongTensor.
 
-        Each row is ``[bos] + ids + [eos]`` followed by ``eos`` padding; text longer than
+        Each row is ``[bos] + ids + [eos]`` followed by ``pad_token_id`` padding; text longer than
         ``max_length - 2`` tokens is truncated so that the end token is always present.
         """
         if isinstance(texts, str):
             texts = [texts]
-        rows = torch.full((len(texts), self.max_length), self.eos_token_id, dtype=torch.long)
+        rows = torch.full((len(texts), self.max_length), self.pad_token_id, dtype=torch.long)
         for row, text in zip(rows, texts):
             ids = [self.bos_token_id, *self.encode(text)[: self.max_length - 2], self.eos_token_id]
             row[: len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -168,6 +176,151 @@ class FrozenCLIPEmbedder(nn.Module):
             is_causal=True,
         ).last_hidden_state
         return text_model.final_layer_norm(hidden_states)
+
+    def forward(
+        self,
+        text: str | Sequence[str] | torch.LongTensor,
+        embedding_manager: EmbeddingManager | None = None,
+    ) -> Tensor:
+        """Same as :meth:`encode`."""
+        return self.encode(text, embedding_manager)
+
+
+class _OpenCLIPResidualBlock(nn.Module):
+    """One pre-norm transformer layer of the OpenCLIP text tower (open_clip's parameter names)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            OrderedDict(c_fc=nn.Linear(width, hidden), gelu=nn.GELU(), c_proj=nn.Linear(hidden, width))
+        )
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class _OpenCLIPLayers(nn.Module):
+    """Holds the layers under ``resblocks``, as open_clip's ``Transformer`` does."""
+
+    def __init__(self, width: int, heads: int, layers: int) -> None:
+        super().__init__()
+        self.resblocks = nn.ModuleList(_OpenCLIPResidualBlock(width, heads) for _ in range(layers))
+
+
+class OpenCLIPTextModel(nn.Module):
+    """The text half of an open_clip ``CLIP`` model, with its state-dict names.
+
+    ``token_embedding``, ``positional_embedding``, ``transformer.resblocks.*``, ``ln_final``,
+    ``text_projection`` and ``logit_scale`` are what SD 2.x checkpoints hold under
+    ``cond_stage_model.model.`` (Stability's embedder deletes the vision tower of the open_clip
+    model and keeps the rest). The projection and the logit scale are not used to condition the
+    UNet; they are kept so that the checkpoint loads without unexpected keys.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, width: int, heads: int, layers: int, embed_dim: int) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = _OpenCLIPLayers(width, heads, layers)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.full((), math.log(1 / 0.07)))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+
+class FrozenOpenCLIPEmbedder(nn.Module):
+    """Frozen OpenCLIP text encoder of Stable Diffusion 2.x (ViT-H/14, penultimate layer by default).
+
+    As Stability's ``FrozenOpenCLIPEmbedder(layer="penultimate")``: token and position embeddings,
+    the causal transformer stopped before its last layer, then the final layer norm. The network is
+    built from open_clip's bundled model config (``arch``), never from downloaded weights: they come
+    from the SD 2.x checkpoint, whose ``cond_stage_model.model.*`` keys match this module. Prompts
+    are tokenized as ``open_clip.tokenize`` does (CLIP's BPE, padded with 0 after the end-of-text
+    token). Frozen and always in eval mode, like :class:`FrozenCLIPEmbedder`.
+
+    Args:
+        arch: open_clip model name whose ``text_cfg`` gives the default sizes.
+        layer: ``"penultimate"`` (SD 2.x) or ``"last"``.
+        max_length: Tokenized length (the context length of ``arch`` unless given).
+        width, heads, layers, vocab_size, embed_dim: Override ``arch``'s sizes (tiny test models).
+    """
+
+    LAYERS = ("last", "penultimate")
+
+    def __init__(
+        self,
+        arch: str = "ViT-H-14",
+        layer: str = "penultimate",
+        max_length: int | None = None,
+        width: int | None = None,
+        heads: int | None = None,
+        layers: int | None = None,
+        vocab_size: int | None = None,
+        embed_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if layer not in self.LAYERS:
+            raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
+        config = open_clip.get_model_config(arch)
+        if config is None:
+            raise ValueError(f"open_clip has no bundled model config named '{arch}'")
+        text = config["text_cfg"]
+        self.max_length = max_length or text.get("context_length", 77)
+        self.model = OpenCLIPTextModel(
+            vocab_size=vocab_size or text.get("vocab_size", 49408),
+            context_length=self.max_length,
+            width=width or text["width"],
+            heads=heads or text["heads"],
+            layers=layers or text["layers"],
+            embed_dim=embed_dim or config["embed_dim"],
+        )
+        self.layer = layer
+        self.tokenizer = CLIPTokenizer(self.max_length, pad_token_id=0)
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FrozenOpenCLIPEmbedder:
+        """Ignores ``mode`` and stays in eval mode."""
+        return super().train(False)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The token embedding table, ``[vocab_size, width]``."""
+        return self.model.token_embedding
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.LongTensor:
+        """Tokenizes ``texts`` to ``[B, max_length]`` ids (0-padded) on the module's device."""
+        return self.tokenizer(texts).to(self.device)
+
+    def encode(
+        self,
+        text: str | Sequence[str] | torch.LongTensor,
+        embedding_manager: EmbeddingManager | None = None,
+    ) -> Tensor:
+        """Encodes prompts (or token ids) to ``[B, max_length, width]``; see :meth:`FrozenCLIPEmbedder.encode`."""
+        tokens = text.to(self.device) if isinstance(text, Tensor) else self.tokenize(text)
+        x = self.token_embedding(tokens)
+        if embedding_manager is not None:
+            x = embedding_manager(tokens, x)
+        x = x + self.model.positional_embedding.to(x.dtype)
+        length = x.shape[1]
+        causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+        blocks = self.model.transformer.resblocks
+        for block in blocks[: len(blocks) - (1 if self.layer == "penultimate" else 0)]:
+            x = block(x, causal)
+        return self.model.ln_final(x)
 
     def forward(
         self,
