@@ -531,13 +531,14 @@ def check_tensor_values(key: str, value: torch.Tensor, floating: bool, path: str
         raise CheckpointError(f"{path}: key '{key}' holds NaN or infinite values (a damaged or diverged file?)")
 
 
-def load_base_checkpoint(model: nn.Module, path: str | Path) -> None:
+def load_base_checkpoint(model: nn.Module, path: str | Path, assign: bool = False) -> None:
     """Fill the frozen Stable Diffusion parts of ``model`` from a CompVis-layout checkpoint.
 
     Every UNet, autoencoder and text-encoder key must be present with the right shape;
     ViCo's own weights (image attention, placeholder) are not expected; EMA copies, the
     legacy ``position_ids`` buffer and ``logvar`` are ignored; anything else unexpected is
-    reported in the log.
+    reported in the log. ``assign=True`` puts the checkpoint's tensors (cast to the model's
+    dtypes) in place of the model's, which may then be on the ``meta`` device.
     """
     found = read_state_dict(path)
     expected = model.state_dict()
@@ -545,4 +546,8 @@ def load_base_checkpoint(model: nn.Module, path: str | Path) -> None:
     unexpected = [k for k in found if k not in expected and not _is_tolerated_extra(k)]
     if unexpected:
         logger.warning("%s: ignoring %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3])
-    model.load_state_dict({k: v for k, v in found.items() if k in expected}, strict=False)
+    model.load_state_dict(
+        {k: v.to(expected[k].dtype) if assign else v for k, v in found.items() if k in expected},
+        strict=False,
+        assign=assign,
+    )

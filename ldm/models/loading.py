@@ -17,16 +17,18 @@ naming the file.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -276,14 +278,48 @@ def build_vico_model(
     base = base_checkpoint_path(config, base_ckpt, weights.source, weights.folder)
     model_config = OmegaConf.to_container(config.model, resolve=True)
     model_config.setdefault("params", {}).pop("ckpt_path", None)
-    with torch.device(device):
+    with parameters_on_meta():  # no random initialisation of weights the files then replace
         model = instantiate_from_config(model_config)
     if not isinstance(model, LatentDiffusion):
         raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusion")
-    model.load_base_checkpoint(str(base))
-    model.load_trained_state_dict(weights.state_dict, weights.source)
+    model.load_base_checkpoint(str(base), assign=True)
+    model.load_trained_state_dict(weights.state_dict, weights.source, assign=True)
+    _fill_initial_embeddings(model)
+    left = [name for name, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise CheckpointError(f"{weights.source} on base {base}: no weights for {left[:3]} ({len(left)} tensors)")
     logger.info("loaded %s on base %s", weights.source, base)
     return model.eval().to(device)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the ``meta`` device (no memory, no random
+    initialisation); buffers (the noise schedule, position ids) are built as usual. The
+    parameters are then filled with ``load_state_dict(..., assign=True)``."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _fill_initial_embeddings(model: LatentDiffusion) -> None:
+    """``initial_embeddings`` (the starting value of S*, used by nothing at sampling time) is in
+    no file: it takes the loaded S*."""
+    manager = model.embedding_manager
+    for name, param in manager.initial_embeddings.items():
+        if param.is_meta:
+            manager.initial_embeddings[name] = nn.Parameter(
+                manager.string_to_param_dict[name].detach().clone(), requires_grad=False
+            )
 
 
 def load_vico_model(

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.models.diffusion.parameterization import PARAMETERIZATIONS, v_target
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.precision import autocast_dtype, cache_autocast_weights, release_autocast_weights
 from ldm.modules.vico import ReferenceCondition
@@ -54,6 +55,10 @@ class LatentDiffusion(pl.LightningModule):
             S* uses ``learning_rate`` (set by main.py from ``base_learning_rate``).
         image_size, channels: latent shape for sampling.
         ckpt_path: optional base SD checkpoint read at construction.
+        parameterization: what the UNet predicts: ``"eps"`` (the noise; SD v1, SD 2.x 512-base)
+            or ``"v"`` (the velocity; SD 2.x 768), see
+            :mod:`ldm.models.diffusion.parameterization`. It sets the training target; the
+            samplers convert a v-model's output to noise.
     """
 
     def __init__(
@@ -73,8 +78,12 @@ class LatentDiffusion(pl.LightningModule):
         image_size: int = 64,
         channels: int = 4,
         ckpt_path: str | None = None,
+        parameterization: str = "eps",
     ):
         super().__init__()
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got '{parameterization}'")
+        self.parameterization = parameterization
         self.model = DiffusionWrapper(unet_config)
         self.first_stage_model = instantiate_from_config(first_stage_config)
         self.cond_stage_model = instantiate_from_config(cond_stage_config)
@@ -129,9 +138,9 @@ class LatentDiffusion(pl.LightningModule):
         for name, value in buffers.items():
             self.register_buffer(name, to_torch(value))
 
-    def load_base_checkpoint(self, path: str) -> None:
+    def load_base_checkpoint(self, path: str, assign: bool = False) -> None:
         """Load the frozen SD v1 weights (see :func:`ldm.util.load_base_checkpoint`)."""
-        load_base_checkpoint(self, path)
+        load_base_checkpoint(self, path, assign=assign)
 
     def freeze_base_model(self) -> None:
         """Only S* and the image-attention blocks learn; everything else is frozen."""
@@ -174,14 +183,17 @@ class LatentDiffusion(pl.LightningModule):
         trained = {id(p) for p in self.trainable_parameters()}
         return {name: p.detach() for name, p in self.named_parameters() if id(p) in trained}
 
-    def load_trained_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
-        """Load S* and the image attention; every trained key must be there with its shape."""
+    def load_trained_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str, assign: bool = False) -> None:
+        """Load S* and the image attention; every trained key must be there with its shape
+        (``assign=True``: in place of the model's tensors, which may be on the ``meta`` device)."""
         expected = self.trained_state_dict()
         check_state_dict(expected, state_dict, source, expected.keys())
         unknown = sorted(set(state_dict) - set(expected))
         if unknown:
             raise CheckpointError(f"{source}: unexpected key '{unknown[0]}' for this model configuration")
-        self.load_state_dict(dict(state_dict), strict=False)
+        if assign:
+            state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
+        self.load_state_dict(dict(state_dict), strict=False, assign=assign)
 
     # --------------------------------------------------------------- encoders
     @torch.no_grad()
@@ -246,7 +258,8 @@ class LatentDiffusion(pl.LightningModule):
         context: torch.Tensor,
         reference: ReferenceCondition | None = None,
     ) -> torch.Tensor:
-        """Predicted noise; with ``reference`` the UNet also attends to the reference image."""
+        """The UNet output (noise, or velocity for ``parameterization="v"``); with ``reference``
+        the UNet also attends to the reference image."""
         return self.model(x_noisy, t, context, reference)
 
     def p_losses(
@@ -257,12 +270,17 @@ class LatentDiffusion(pl.LightningModule):
         reference: ReferenceCondition,
         noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Eq. 7: noise MSE + ``reg_weight`` x the regulariser of Eq. 6 summed over patched layers."""
+        """Eq. 7: noise MSE + ``reg_weight`` x the regulariser of Eq. 6 summed over patched layers.
+
+        A v-model regresses the velocity ``sqrt(a_t) noise - sqrt(1 - a_t) x_0`` instead of the
+        noise (as Stability's SD 2.x training).
+        """
         noise = torch.randn_like(x_start) if noise is None else noise
         reference.compute_regularizer = True
         reference.regularizer_terms.clear()
         model_output = self.apply_model(self.q_sample(x_start, t, noise), t, context, reference)
-        loss_simple = F.mse_loss(model_output.float(), noise.float())
+        target = noise if self.parameterization == "eps" else v_target(x_start, noise, self.alphas_cumprod[t])
+        loss_simple = F.mse_loss(model_output.float(), target.float())
         loss_reg = (
             torch.stack(reference.regularizer_terms).sum()
             if reference.regularizer_terms
