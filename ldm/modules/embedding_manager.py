@@ -92,7 +92,8 @@ class EmbeddingManager(nn.Module):
                 embedder.tokenizer, placeholder, "placeholder string", "choose a string that is a single token"
             )
             if token_id in (embedder.tokenizer.pad_token_id, self.eos_token_id):
-                # OpenCLIP pads with id 0 ("!"): that placeholder would match every padding position
+                # OpenCLIP pads with id 0 (a word-internal "!", which no one-token string gives): such a
+                # placeholder would match every padding position
                 raise ValueError(
                     f"placeholder string {placeholder!r} is token {token_id}, which this text encoder's "
                     f"tokenizer uses for padding or end of text; choose another string"
@@ -153,7 +154,7 @@ class EmbeddingManager(nn.Module):
         return torch.stack(rows)
 
     def placeholder_positions(
-        self, tokens: torch.LongTensor
+        self, tokens: torch.LongTensor, placeholder: str | None = None
     ) -> tuple[torch.LongTensor, torch.LongTensor, torch.BoolTensor]:
         """Locates the (first) placeholder and the end-of-text token in each row of the text context.
 
@@ -166,6 +167,10 @@ class EmbeddingManager(nn.Module):
 
         Args:
             tokens: Token ids, ``[B, T]``.
+            placeholder: the placeholder string to locate (several concepts: each reference is
+                masked by its own placeholder's map); ``None`` locates whichever managed
+                placeholder comes first in each row (with one placeholder, that one; in a
+                multi-concept training caption, its concept's).
 
         Returns:
             ``(placeholder_index, eot_index, found)``, each ``[B]``: the column of the first
@@ -173,8 +178,12 @@ class EmbeddingManager(nn.Module):
             the placeholder occurs. Where it does not, ``placeholder_index`` equals ``eot_index`` so
             that callers fall back to the end-of-text position.
         """
-        token_id = next(iter(self.string_to_token_dict.values()))
-        is_placeholder = tokens == token_id
+        if placeholder is not None and placeholder not in self.string_to_token_dict:
+            known = list(self.string_to_token_dict)
+            raise ValueError(f"{placeholder!r} is not a placeholder of this model (known: {known})")
+        names = list(self.string_to_token_dict) if placeholder is None else [placeholder]
+        ids = torch.tensor([self.string_to_token_dict[name] for name in names], device=tokens.device)
+        is_placeholder = torch.isin(tokens, ids)
         found = is_placeholder.any(-1)
         column = self._expanded_columns(tokens).clamp(max=tokens.shape[1] - 1)
         eot_column = (tokens == self.eos_token_id).long().argmax(-1, keepdim=True)
@@ -182,6 +191,12 @@ class EmbeddingManager(nn.Module):
         placeholder_column = is_placeholder.long().argmax(-1, keepdim=True)
         placeholder_index = torch.where(found, column.gather(-1, placeholder_column).squeeze(-1), eot_index)
         return placeholder_index, eot_index, found
+
+    def placeholders_in(self, tokens: torch.LongTensor) -> list[str]:
+        """The placeholder strings that occur in one row of token ids ``[T]``, in order of first occurrence."""
+        row = tokens.reshape(-1).tolist()
+        named = [(row.index(token_id), name) for name, token_id in self.string_to_token_dict.items() if token_id in row]
+        return [name for _, name in sorted(named)]
 
     def _expanded_columns(self, tokens: torch.LongTensor) -> torch.LongTensor:
         """``[B, T]``: the column each token occupies once every placeholder has expanded."""

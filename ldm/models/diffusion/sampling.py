@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ldm.data.images import load_image
+from ldm.models.diffusion.parameterization import to_eps
 
 from ldm.modules.vico import AttentionRecord, ReferenceCondition
 
@@ -44,15 +45,22 @@ class SamplingReference:
             references are concatenated as reference tokens (paper, Appendix C).
         tokens: the prompt's token ids, ``[77]``; the placeholder (or, without one, the
             end-of-text token) selects the attention map that gives the Otsu mask.
+        placeholders: per reference, the placeholder string whose attention map masks it
+            (multi-object composition: each concept's reference is masked by its own
+            placeholder's map); ``None`` (for all, or for one reference) takes the prompt's first
+            placeholder.
     """
 
     latents: Tensor
     tokens: Tensor
+    placeholders: Sequence[str | None] | None = None
 
     def __post_init__(self) -> None:
         if self.latents.ndim != 4:
             raise ValueError(f"reference latents must be [K, C, h, w], got shape {list(self.latents.shape)}")
         self.tokens = self.tokens.reshape(-1)
+        if self.placeholders is not None and len(self.placeholders) != self.num_references:
+            raise ValueError(f"{len(self.placeholders)} placeholders for {self.num_references} references")
 
     @property
     def num_references(self) -> int:
@@ -85,9 +93,51 @@ def encode_references(
     return model.scale_factor * latents
 
 
-def make_sampling_reference(model, images: Tensor, prompt: str) -> SamplingReference:
+def make_sampling_reference(
+    model, images: Tensor, prompt: str, placeholders: Sequence[str | None] | None = None
+) -> SamplingReference:
     """Encode reference images ``[K, 3, H, W]`` (in [-1, 1], posterior mode) and tokenize ``prompt``."""
-    return SamplingReference(latents=encode_references(model, images), tokens=model.tokenize([prompt])[0])
+    return SamplingReference(encode_references(model, images), model.tokenize([prompt])[0], placeholders)
+
+
+def references_for_prompt(
+    embedding_manager, tokens: Tensor, placeholders: Sequence[str | None]
+) -> tuple[list[int], list[str | None] | None]:
+    """Which references a prompt uses, and the placeholder whose map masks each.
+
+    ``placeholders`` holds, per reference, the placeholder it was given for (``--ref @=photo``)
+    or ``None`` (a plain ``--ref photo``). Plain references are all used, masked by the prompt's
+    placeholder (the single-concept behaviour; a prompt naming several placeholders then needs
+    one reference per placeholder). Given per placeholder, the prompt uses the references of
+    the placeholders it names, in the given order, each masked by its own placeholder's map;
+    a named placeholder without a reference is an error. A prompt naming no placeholder uses
+    every reference (masked by the end-of-text map, with the usual warning).
+
+    Returns:
+        The indices of the references to use and their placeholders (``None`` for plain ones).
+
+    Raises:
+        ValueError: one line saying which placeholder lacks a reference, or that the references
+            are mixed (some given per placeholder, some not).
+    """
+    named = embedding_manager.placeholders_in(tokens)
+    keyed = [p for p in placeholders if p is not None]
+    if not keyed:
+        if len(named) > 1:
+            raise ValueError(
+                f"it names {len(named)} placeholders ({', '.join(named)}): give each its reference "
+                f"with --ref <placeholder>=<photo>, e.g. --ref {named[0]}=a.png --ref {named[1]}=b.png"
+            )
+        return list(range(len(placeholders))), None
+    if len(keyed) != len(placeholders):
+        raise ValueError("give every reference with its placeholder (--ref <placeholder>=<photo>), or none")
+    missing = [p for p in named if p not in keyed]
+    if missing:
+        raise ValueError(f"it names '{missing[0]}' but no reference is given for it (--ref '{missing[0]}=<photo>')")
+    if not named:
+        return list(range(len(placeholders))), None
+    indices = [i for i, p in enumerate(placeholders) if p in named]
+    return indices, [placeholders[i] for i in indices]
 
 
 @torch.no_grad()
@@ -105,6 +155,7 @@ def sample_prompt(
     record_attention: Collection[int] = (),
     verbose: bool = False,
     negative_prompt: str = "",
+    reference_placeholders: Sequence[str | None] | None = None,
 ) -> tuple[Tensor, dict]:
     """Sample ``n_samples`` images of one prompt with shared references.
 
@@ -113,6 +164,8 @@ def sample_prompt(
             depends only on ``generator[k]``: it can be regenerated alone).
         negative_prompt: the text of the unconditional branch of classifier-free guidance
             (empty: plain guidance), which the guided prediction moves away from.
+        reference_placeholders: per reference, the placeholder whose map masks it
+            (:class:`SamplingReference`); ``None``: the prompt's placeholder for all.
 
     Returns:
         The decoded images ``[n_samples, 3, H, W]``, clamped to the image range [-1, 1], and
@@ -124,7 +177,7 @@ def sample_prompt(
         batch_size=n_samples,
         shape=latent_shape,
         conditioning=model.get_learned_conditioning(tokens),
-        reference=SamplingReference(reference_latents, tokens[0]),
+        reference=SamplingReference(reference_latents, tokens[0], reference_placeholders),
         unconditional_guidance_scale=scale,
         unconditional_conditioning=model.get_learned_conditioning([negative_prompt]) if scale != 1.0 else None,
         eta=eta,
@@ -150,6 +203,7 @@ def sample_seeded(
     negative_prompt: str = "",
     record_attention: Collection[int] = (),
     verbose: bool = False,
+    reference_placeholders: Sequence[str | None] | None = None,
 ) -> tuple[Tensor, dict]:
     """Sample one image per seed, each from its own CPU generator, with shared references.
 
@@ -177,6 +231,7 @@ def sample_seeded(
         record_attention=record_attention,
         verbose=verbose,
         negative_prompt=negative_prompt,
+        reference_placeholders=reference_placeholders,
     )
 
 
@@ -334,16 +389,25 @@ class GuidedDenoiser:
         k = reference.num_references
         device = self.context.device
         tokens = reference.tokens.to(device).view(1, -1)
-        placeholder_index, eot_index, found = self.model.embedding_manager.placeholder_positions(tokens)
-        if not bool(found.item()):
-            logger.warning(
-                "the prompt has no placeholder token: the reference mask falls back to the end-of-text attention map"
-            )
+        placeholders = list(reference.placeholders) if reference.placeholders is not None else [None] * k
+        manager = self.model.embedding_manager
+        positions = {name: manager.placeholder_positions(tokens, name) for name in dict.fromkeys(placeholders)}
+        for name, (_, _, found) in positions.items():
+            if not bool(found.item()):
+                logger.warning(
+                    "the prompt has no placeholder token: the reference mask falls back to the end-of-text "
+                    "attention map"
+                    if name is None
+                    else f"the prompt does not name '{name}': its reference's mask falls back to the end-of-text map"
+                )
+        # each reference row is masked by its own placeholder's map (one concept: all the same)
+        placeholder_index = torch.cat([positions[name][0] for name in placeholders])
+        eot_index = positions[placeholders[0]][1]
         rows = k * len(branch_rows)
         self.references_per_group = k
         self.reference_latent = reference.latents.to(device).repeat(len(branch_rows), 1, 1, 1)
         self.reference_context = torch.cat([row.expand(k, *row.shape[1:]) for row in branch_rows])
-        self.placeholder_index = placeholder_index.repeat(rows)
+        self.placeholder_index = placeholder_index.repeat(len(branch_rows))
         self.eot_index = eot_index.repeat(rows)
 
     def reference_condition(self, t: Tensor, record_attention: bool = False) -> ReferenceCondition | None:
@@ -381,13 +445,29 @@ class GuidedDenoiser:
             )
         return output
 
-    def __call__(self, x: Tensor, t: Tensor, records: list[AttentionRecord] | None = None) -> Tensor:
-        """The (guided) noise prediction for ``x`` at timestep ``t``."""
+    def __call__(
+        self,
+        x: Tensor,
+        t: Tensor,
+        records: list[AttentionRecord] | None = None,
+        alpha_cumprod: Tensor | None = None,
+    ) -> Tensor:
+        """The (guided) noise prediction for ``x`` at timestep ``t``.
+
+        A v-prediction model's guided output is converted to noise with ``alpha_cumprod``, the
+        cumulative alpha of ``x``'s noise level (by default ``alphas_cumprod[t]``, for integer
+        timesteps; the sigma samplers pass ``1 / (1 + sigma^2)``).
+        """
         output = self.model_output(x, t, records)
-        if not self.guided:
+        if self.guided:
+            out_uncond, out_cond = output.chunk(2)
+            output = out_uncond + self.scale * (out_cond - out_uncond)
+        parameterization = getattr(self.model, "parameterization", "eps")
+        if parameterization == "eps":
             return output
-        eps_uncond, eps_cond = output.chunk(2)
-        return eps_uncond + self.scale * (eps_cond - eps_uncond)
+        if alpha_cumprod is None:
+            alpha_cumprod = self.model.alphas_cumprod[t.long()]
+        return to_eps(parameterization, x, output, alpha_cumprod)
 
 
 @dataclass
