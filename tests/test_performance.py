@@ -1,0 +1,154 @@
+"""Performance paths that must not change results: cached autocast weights, models built on
+the meta device, the training step free of host reads, the benchmark at tiny size."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import main
+from ldm.modules.precision import cache_autocast_weights, release_autocast_weights
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "vico-tiny.yaml"
+
+
+def tiny_model(**unet):
+    config = OmegaConf.load(TINY)
+    for key, value in unet.items():
+        config.model.params.unet_config.params[key] = value
+    torch.manual_seed(0)
+    model = instantiate_from_config(config.model)
+    main.fill_zero_initialised_weights(model)
+    return model
+
+
+def training_loss(model, batch=2):
+    """Forward and backward of one training step on fixed inputs; the loss and the trained grads."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (batch, 4, model.image_size, model.image_size)
+    latent, reference, noise = (torch.randn(shape, generator=generator) for _ in range(3))
+    tokens = model.tokenize(["a photo of *"] * batch)
+    t = torch.tensor([10, 700][:batch])
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        context = model.get_learned_conditioning(tokens)
+        loss, _ = model.p_losses(latent, t, context, model.reference_condition(reference, context, tokens), noise=noise)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.trainable_parameters()]
+
+
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_cached_autocast_weights_equal_autocast(use_checkpoint):
+    """Frozen weights cast once give bit-identical losses and gradients to autocast's per-use casts."""
+    model = tiny_model(use_checkpoint=use_checkpoint)
+    loss, grads = training_loss(model)
+    assert cache_autocast_weights(model.model, torch.bfloat16) > 20
+    cache_autocast_weights(model.cond_stage_model, torch.bfloat16)
+    cached_loss, cached_grads = training_loss(model)
+    assert torch.equal(loss, cached_loss)
+    for a, b in zip(grads, cached_grads):
+        assert torch.equal(a, b)
+    # outside autocast the float32 weights are used, as before
+    x = torch.randn(1, 4, model.image_size, model.image_size)
+    with torch.no_grad():
+        context = torch.randn(1, 77, 32)
+        out = model.apply_model(x, torch.tensor([5]), context)
+        release_autocast_weights(model)
+        assert torch.equal(out, model.apply_model(x, torch.tensor([5]), context))
+    assert not any("_autocast_weights" in vars(m) or "forward" in vars(m) for m in model.modules())
+
+
+def test_trainable_layers_are_not_cached():
+    model = tiny_model()
+    cache_autocast_weights(model, torch.bfloat16)
+    for name, module in model.named_modules():
+        if ".image_cross_attention." in name + "." and isinstance(module, torch.nn.Linear):
+            assert "_autocast_weights" not in vars(module), name
+
+
+def test_training_step_has_no_host_reads_on_meta():
+    """The step runs on the meta device, where any read of a value on the host (.item(),
+    bool(tensor), nonzero, tolist) fails: the training step cannot synchronise on one."""
+    config = OmegaConf.load(TINY)
+    with torch.device("meta"):
+        model = instantiate_from_config(config.model)
+    batch = 2
+    shape = (batch, 4, model.image_size, model.image_size)
+    tokens = model.cond_stage_model.tokenize(["a photo of *"] * batch).to("meta")
+    latent = torch.randn(shape, device="meta")
+    context = model.get_learned_conditioning(tokens)
+    loss, _ = model.p_losses(
+        latent, torch.zeros(batch, dtype=torch.long, device="meta"), context,
+        model.reference_condition(latent, context, tokens), noise=torch.randn(shape, device="meta"),
+    )  # fmt: skip
+    loss.backward()
+    assert all(p.grad is not None for p in model.trainable_parameters())
+
+
+def test_default_precision_is_32_on_cpu():
+    assert main.default_precision("cpu") == "32"
+
+
+def test_benchmark_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--quick", "--repeats", "1", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = {row["name"] for row in report["rows"]}
+    for expected in ("training step", "sampling step", "VAE decode", "text encoding", "sample.py start-up"):
+        assert any(expected in name for name in names), (expected, names)
+    assert {row["model"] for row in report["rows"]} >= {"ViCo", "Textual Inversion", "plain SD"}
+    assert "| " in result.stdout
+
+
+def test_meta_built_model_equals_the_randomly_initialised_one(tmp_path):
+    """build_vico_model (parameters on meta, loaded with assign=True) gives the weights, buffers
+    and outputs of the model built as before (random initialisation, then loading)."""
+    from ldm.models.loading import load_vico_model, read_vico_weights, save_adapter
+    from ldm.util import save_state_dict
+    from tests.test_sampling import build_tiny, tiny_config
+
+    tiny = build_tiny(tiny_config())
+    save_state_dict(tiny.base_state_dict(), tmp_path / "base.safetensors")
+    config = tiny_config()
+    config.model.params.ckpt_path = str(tmp_path / "base.safetensors")
+    save_adapter(tiny, config, tmp_path / "adapter.safetensors")
+
+    loaded, _ = load_vico_model(tmp_path / "adapter.safetensors")
+    weights = read_vico_weights(tmp_path / "adapter.safetensors")
+    model_config = OmegaConf.to_container(config.model, resolve=True)
+    model_config["params"].pop("ckpt_path")
+    before = instantiate_from_config(model_config)
+    before.load_base_checkpoint(str(tmp_path / "base.safetensors"))
+    before.load_trained_state_dict(weights.state_dict, "adapter")
+    before.eval()
+
+    expected, got = before.state_dict(), loaded.state_dict()
+    assert expected.keys() == got.keys()
+    for key in expected:
+        if ".initial_embeddings." in key:  # in no file; the loaded S* (was a random row)
+            assert torch.equal(got[key], got[key.replace("initial_embeddings", "string_to_param_dict")])
+            continue
+        assert got[key].dtype == expected[key].dtype and torch.equal(got[key], expected[key]), key
+    for (name, a), (_, b) in zip(before.named_buffers(), loaded.named_buffers()):
+        assert torch.equal(a, b), name
+    assert [p.requires_grad for p in before.parameters()] == [p.requires_grad for p in loaded.parameters()]
+    x = torch.randn(2, 4, 16, 16)
+    tokens = loaded.tokenize(["a photo of *"] * 2)
+    with torch.no_grad():
+        outs = []
+        for model in (before, loaded):
+            context = model.get_learned_conditioning(tokens)
+            reference = model.reference_condition(x.flip(0), context, tokens)
+            outs.append(model.apply_model(x, torch.tensor([3, 900]), context, reference))
+    assert torch.equal(*outs)
