@@ -191,6 +191,14 @@ def train_diffusion(recipe: DictConfig, model_config: DictConfig, images: np.nda
     if not autoencoder_file.is_file():
         raise UsageError(f"no trained autoencoder at {autoencoder_file}: run --stage vae first")
     model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
+    if settings.get("init_from"):
+        # A further round from an earlier base file: its UNet and text encoder (the autoencoder
+        # is the cached one, which that base was trained on).
+        init = Path(settings.init_from)
+        if not init.is_file():
+            raise UsageError(f"diffusion.init_from: no base model at {init}")
+        model.load_base_checkpoint(str(init))
+        model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
     mean, std = encode_scenes(model, images)
     tokens = model.cond_stage_model.tokenizer(captions)
     empty = model.cond_stage_model.tokenizer([""])[0]
@@ -269,7 +277,13 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
     if stage in ("all", "ldm"):
         started = time.time()
         trained = train_diffusion(recipe, model_config, images, captions)
-        record["diffusion"] = {"seconds": round(time.time() - started, 1), "used_tokens": trained["used_tokens"]}
+        init_from = recipe.diffusion.get("init_from")
+        rounds = [r for r in record.get("diffusion", []) if isinstance(r, dict)] if init_from else []
+        rounds.append({
+            "round": len(rounds) + 1, "command": command, "steps": int(recipe.diffusion.steps), "init_from": init_from,
+            "seconds": round(time.time() - started, 1), "used_tokens": trained["used_tokens"],
+        })  # fmt: skip
+        record["diffusion"] = rounds
         record.update(
             command=command,
             seed=int(recipe.seed),
@@ -279,8 +293,9 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
         )
         metadata = {"format": BASE_FORMAT, "config": str(recipe.model_config), "seed": str(recipe.seed), "command": command}
         write_base(trained["model"], output / "base.safetensors", metadata)
-        for name, column in (("autoencoder", "vae/l1"), ("diffusion", "ldm/mse")):
-            csv_path = cache / "logs" / name / "metrics.csv"
+        curves = (("autoencoder", "autoencoder", "vae/l1"), ("diffusion", f"diffusion-round{len(rounds)}", "ldm/mse"))
+        for log, name, column in curves:
+            csv_path = cache / "logs" / log / "metrics.csv"
             if csv_path.is_file():
                 shutil.copyfile(csv_path, output / f"{name}-metrics.csv")
                 plot_curve(csv_path, column, output / f"{name}-curve.png", name)

@@ -1,6 +1,7 @@
 """Pretraining of a base model (the miniature world's): the losses, what trains, the latent rescale, the CLI."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from ldm.models.pretraining import (
     to_signed,
     warmup_cosine,
 )
-from ldm.util import instantiate_from_config
+from ldm.util import instantiate_from_config, read_state_dict
 from scripts import miniworld
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,4 +135,15 @@ def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
     config = OmegaConf.load(TINY)
     config.model.params.ckpt_path = str(base)
     instantiate_from_config(config.model)  # strict: every UNet, VAE and text key present with its shape
-    assert (tmp_path / "out" / "pretraining.json").is_file() and (tmp_path / "out" / "diffusion-curve.png").is_file()
+    assert (tmp_path / "out" / "pretraining.json").is_file() and (tmp_path / "out" / "diffusion-round1-curve.png").is_file()
+    first_round = read_state_dict(base)
+
+    # A further round starts from the first round's base and records both rounds.
+    assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"diffusion.init_from={base}", "diffusion.learning_rate=0"]) == 0
+    record = json.loads((tmp_path / "out" / "pretraining.json").read_text())
+    assert [r["round"] for r in record["diffusion"]] == [1, 2] and record["diffusion"][1]["init_from"] == str(base)
+    assert (tmp_path / "out" / "diffusion-round2-curve.png").is_file()
+    second_round = read_state_dict(base)
+    unet = [k for k in first_round if k.startswith("model.diffusion_model.")]
+    assert all(torch.equal(first_round[k], second_round[k]) for k in unet)  # learning rate 0: the round continued from the file
+    assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"diffusion.init_from={tmp_path / 'none.safetensors'}"]) == 2
