@@ -20,7 +20,7 @@ from ldm.models.diffusion.parameterization import eps_from_v, to_eps, v_target, 
 from ldm.models.diffusion.sampling import DDIMSchedule
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
-from ldm.util import instantiate_from_config
+from ldm.util import check_stored_config, instantiate_from_config
 from tests.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,3 +296,16 @@ def test_tiny_sd2_trains_and_samples(tmp_path, fresh_run_time):
         assert sample.main(argv) == 0
         (image,) = (np.asarray(Image.open(p)) for p in (outdir / "samples").glob("*.png"))
         assert image.shape == (64, 64, 3)
+
+
+# ------------------------------------------------------------------ configs
+@pytest.mark.parametrize("name", ["vico-sd2.yaml", "vico-sd2-v.yaml", "vico-sd2-tiny.yaml"])
+def test_sd2_configs_pass_the_schema_and_the_stored_config_check(name):
+    config = OmegaConf.load(ROOT / "configs" / name)
+    main.check_schema(OmegaConf.to_container(config, resolve=True))
+    check_stored_config(config, name)
+    # the ablation overrides of configs/ablations apply to the SD 2.x configs as they are
+    if name == "vico-sd2.yaml":
+        for ablation in sorted((ROOT / "configs" / "ablations").glob("*.yaml")):
+            merged = OmegaConf.merge(config, OmegaConf.load(ablation))
+            main.check_schema(OmegaConf.to_container(merged, resolve=True))
