@@ -30,7 +30,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -128,10 +128,13 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", "--name", type=str, default="",
                         help="run name: the run folder is <logdir>/<time>_<name> (default: the config's name)")
     parser.add_argument("--actual_resume", type=str, default=None, help="base Stable Diffusion checkpoint")
-    parser.add_argument("--data_root", type=str, default=None, help="folder of photos of the concept")
-    parser.add_argument("--init_word", type=str, default=None, help="single-token word initialising S*")
-    parser.add_argument("--placeholder_string", type=str, default=None,
-                        help="the string standing for S* in captions and prompts (default: the config's, '*')")
+    parser.add_argument("--data_root", type=str, action="append", default=None,
+                        help="folder of photos of the concept; repeat for several concepts (one placeholder each)")
+    parser.add_argument("--init_word", type=str, action="append", default=None,
+                        help="single-token word initialising S*; repeat in the order of --data_root")
+    parser.add_argument("--placeholder_string", type=str, action="append", default=None,
+                        help="the string standing for S* in captions and prompts (default: the config's, '*'); "
+                             "repeat in the order of --data_root")
     parser.add_argument("-r", "--resume", type=str, default=None, help="a run folder or a checkpoint in it")
     parser.add_argument("-l", "--logdir", type=str, default="logs", help="where run folders are created")
     parser.add_argument("-s", "--seed", type=int, default=None,
@@ -279,20 +282,29 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | 
         raise UsageError(f"cannot apply the overrides {overrides}: {str(err).splitlines()[0]}") from None
     if opt.actual_resume is not None:
         OmegaConf.update(config, BASE_CKPT, opt.actual_resume)
+    # several --data_root (multi-object composition): lists, one placeholder and init word per folder
     if opt.init_word is not None:
-        OmegaConf.update(config, INIT_WORDS, [opt.init_word])
+        OmegaConf.update(config, INIT_WORDS, list(opt.init_word), merge=False)
     if opt.placeholder_string is not None:
-        OmegaConf.update(config, PLACEHOLDERS, [opt.placeholder_string])
-        OmegaConf.update(config, DATA_PLACEHOLDER, opt.placeholder_string)
+        OmegaConf.update(config, PLACEHOLDERS, list(opt.placeholder_string), merge=False)
+        OmegaConf.update(config, DATA_PLACEHOLDER, _one_or_list(opt.placeholder_string), merge=False)
     if opt.data_root is not None:
-        OmegaConf.update(config, DATA_ROOT, opt.data_root)
+        OmegaConf.update(config, DATA_ROOT, _one_or_list(opt.data_root), merge=False)
     for key in (DATA_ROOT, BASE_CKPT):  # relative to where the command runs; recorded absolute
-        if OmegaConf.select(config, key):
-            OmegaConf.update(config, key, str(Path(OmegaConf.select(config, key)).resolve()))
+        value = OmegaConf.select(config, key)
+        if isinstance(value, ListConfig):
+            OmegaConf.update(config, key, [str(Path(v).resolve()) for v in value], merge=False)
+        elif value:
+            OmegaConf.update(config, key, str(Path(value).resolve()))
     seed = opt.seed if opt.seed is not None else config.get("seed", DEFAULT_SEED)
     config.seed = seed
     OmegaConf.update(config, "data.params.train.params.seed", seed)
     return config
+
+
+def _one_or_list(values: list[str]) -> str | list[str]:
+    """A repeated flag's values: the value itself when given once (the single-concept config)."""
+    return values[0] if len(values) == 1 else list(values)
 
 
 def check_config(config: DictConfig) -> None:
@@ -345,21 +357,41 @@ def check_placeholders(config: Mapping[str, Any]) -> None:
         _single_token(tokenizer, placeholder, "placeholder string", "choose a string that is a single token")
     for word in personalization.get("initializer_words") or []:
         _single_token(tokenizer, word, "--init_word", "choose a word that is a single token")
-    data_placeholder = _params(_params(config["data"]).get("train")).get("placeholder_token", "*")
-    if data_placeholder not in placeholders:
+    train = _params(_params(config["data"]).get("train"))
+    data_placeholder = train.get("placeholder_token", "*")
+    data_placeholders = [data_placeholder] if isinstance(data_placeholder, str) else list(data_placeholder)
+    for name, values in (("placeholders", placeholders), ("captions' placeholders", data_placeholders)):
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise UsageError(f"the {name} {values} repeat '{repeated[0]}': each concept needs its own placeholder")
+    roots = train.get("data_root")
+    num_roots = len(roots) if isinstance(roots, list) else 1
+    if num_roots != len(data_placeholders):
         raise UsageError(
-            f"the captions' placeholder '{data_placeholder}' ({DATA_PLACEHOLDER}) is not the model's "
-            f"{placeholders} ({PLACEHOLDERS}): S* would never be trained; set both with --placeholder_string"
+            f"{num_roots} --data_root folders and {len(data_placeholders)} placeholder(s) ({DATA_PLACEHOLDER}): "
+            f"give one --placeholder_string per folder, in the same order"
         )
+    init_words = personalization.get("initializer_words") or []
+    if len(init_words) > len(placeholders) or (len(placeholders) > 1 and len(init_words) not in (0, len(placeholders))):
+        raise UsageError(
+            f"{len(placeholders)} placeholders {placeholders} and {len(init_words)} --init_word {init_words}: "
+            f"give one --init_word per placeholder, in the same order"
+        )
+    for data_placeholder in data_placeholders:
+        if data_placeholder not in placeholders:
+            raise UsageError(
+                f"the captions' placeholder '{data_placeholder}' ({DATA_PLACEHOLDER}) is not the model's "
+                f"{placeholders} ({PLACEHOLDERS}): S* would never be trained; set both with --placeholder_string"
+            )
     for name, callback in ((config.get("lightning") or {}).get("callbacks") or {}).items():
         target = get_obj_from_str(callback["target"]) if callback is not None else None
         if not (isinstance(target, type) and issubclass(target, ImageLogger)):
             continue
         for prompt in _params(callback).get("prompts") or []:
-            if data_placeholder not in prompt:
+            if not any(p in prompt for p in data_placeholders):
                 raise UsageError(
                     f"lightning.callbacks.{name}.params.prompts: '{prompt}' does not contain the placeholder "
-                    f"'{data_placeholder}'"
+                    f"'{' or '.join(data_placeholders)}'"
                 )
 
 
@@ -583,12 +615,16 @@ def build_model(config: DictConfig, logdir: Path, new_random_base: bool, is_rank
 
 
 def warn_single_photo(data: pl.LightningDataModule, config: DictConfig) -> None:
-    if data.train_dataset.num_images == 1:
-        logger.warning(
-            "only one training photo in %s: ViCo needs another photo of the object as the reference, "
-            "so this photo is its own reference; add more photos to train the method as published",
-            OmegaConf.select(config, DATA_ROOT),
-        )
+    dataset = data.train_dataset
+    roots = getattr(dataset, "data_roots", [OmegaConf.select(config, DATA_ROOT)])
+    for concept, root in enumerate(roots):
+        photos = dataset.concept_images(concept) if hasattr(dataset, "concept_images") else range(dataset.num_images)
+        if len(photos) == 1:
+            logger.warning(
+                "only one training photo in %s: ViCo needs another photo of the object as the reference, "
+                "so this photo is its own reference; add more photos to train the method as published",
+                root,
+            )
 
 
 @dataclass

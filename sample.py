@@ -75,6 +75,7 @@ from ldm.models.diffusion.sampling import (
     REFERENCE_RESIZE,
     load_reference_images,
     make_ddim_timesteps,
+    references_for_prompt,
     sample_seeded,
 )
 from ldm.models.loading import (
@@ -119,7 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="training checkpoint (.ckpt), adapter export (.safetensors), or the authors' "
         "cross_attention-<step>.pt / embeddings_gs-<step>.pt (one finds the other; or repeat --ckpt for both)",
     )  # fmt: skip
-    parser.add_argument("--ref", nargs="+", required=True, help="reference image(s); several are concatenated")
+    parser.add_argument(
+        "--ref", nargs="+", action="extend", required=True, metavar="[PLACEHOLDER=]PHOTO",
+        help="reference image(s); several are concatenated. Several concepts: one per placeholder, "
+        "--ref '*=a.png' --ref '@=b.png'; each prompt uses those of the placeholders it names",
+    )  # fmt: skip
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt; '*' stands for the learned concept")
     prompts.add_argument(
@@ -197,6 +202,10 @@ class Job:
     factor: int
     device: torch.device
     sampler: str
+    #: per reference, the placeholder it was given for (``--ref @=photo``), or None
+    reference_placeholders: list[str | None] | None = None
+    #: per prompt, the references it uses and their placeholders (:func:`plan_references`)
+    plans: list[tuple[list[int], list[str | None] | None]] | None = None
 
 
 # -------------------------------------------------------------- validation
@@ -234,6 +243,51 @@ def warn_missing_placeholders(prompts: Sequence[Prompt], config: DictConfig) -> 
                 "warning: prompt '%s' has no placeholder (%s): the learned concept S* is not used",
                 prompt.text, ", ".join(f"'{p}'" for p in placeholders),
             )  # fmt: skip
+
+
+def parse_references(entries: Sequence[str], placeholders: Sequence[str]) -> tuple[list[str], list[str | None]]:
+    """``--ref`` entries -> (photo paths, the placeholder of each or None).
+
+    ``PLACEHOLDER=photo`` gives a photo for one placeholder of the model (an existing file whose
+    name merely contains ``=`` is a plain photo). Either every entry names its placeholder, or
+    none does; a placeholder gets one photo.
+    """
+    paths: list[str] = []
+    keys: list[str | None] = []
+    for entry in entries:
+        key, separator, path = entry.partition("=")
+        if separator and key in placeholders:
+            paths.append(path)
+            keys.append(key)
+        elif separator and not Path(entry).exists():
+            raise UsageError(
+                f"--ref {entry}: '{key}' is not a placeholder of the model "
+                f"({', '.join(repr(p) for p in placeholders)}) and '{entry}' is not a file"
+            )
+        else:
+            paths.append(entry)
+            keys.append(None)
+    named = [k for k in keys if k is not None]
+    if named and len(named) != len(keys):
+        raise UsageError("--ref: give every reference with its placeholder (PLACEHOLDER=photo), or none")
+    repeated = sorted({k for k in named if named.count(k) > 1})
+    if repeated:
+        raise UsageError(f"--ref: placeholder '{repeated[0]}' has more than one reference; give one per placeholder")
+    for path in paths:
+        if not path:
+            raise UsageError("--ref: a reference has an empty photo path")
+    return paths, keys
+
+
+def plan_references(job: Job, model: LatentDiffusion) -> None:
+    """Choose each prompt's references (:func:`references_for_prompt`) before sampling anything."""
+    keys = job.reference_placeholders or [None] * len(job.references)
+    job.plans = []
+    for prompt in job.prompts:
+        try:
+            job.plans.append(references_for_prompt(model.embedding_manager, model.tokenize([prompt.text])[0], keys))
+        except ValueError as err:
+            raise UsageError(f"prompt '{prompt.text}': {err}") from None
 
 
 def parse_device(name: str, precision: str) -> torch.device:
@@ -291,9 +345,11 @@ def prepare(args: argparse.Namespace) -> Job:
             raise UsageError(f"{flag} {value} is not a positive multiple of the autoencoder factor {factor}")
     check_steps(sampler, args.ddim_steps, int(config.model.params.get("timesteps", 1000)))
     base_checkpoint_path(config, args.base_ckpt, weights.source, weights.folder)
-    references = load_reference_images(args.ref, (height, width), args.ref_resize)
+    placeholders = OmegaConf.select(config, "model.params.personalization_config.params.placeholder_strings") or []
+    paths, keys = parse_references(args.ref, list(placeholders))
+    references = load_reference_images(paths, (height, width), args.ref_resize)
     warn_missing_placeholders(prompts, config)
-    return Job(weights, config, prompts, references, height, width, factor, device, sampler)
+    return Job(weights, config, prompts, references, height, width, factor, device, sampler, keys)
 
 
 # ----------------------------------------------------------------- pictures
@@ -342,8 +398,14 @@ def hot_colormap(values: np.ndarray) -> np.ndarray:
     return (rgb * 255).round().astype(np.uint8)
 
 
-def attention_picture(records: Sequence[AttentionRecord], references: np.ndarray) -> np.ndarray:
-    """One row per reference: the reference, then per patched layer its S* map and masked reference."""
+def attention_picture(
+    records: Sequence[AttentionRecord], references: np.ndarray, placeholders: Sequence[str | None] | None = None
+) -> np.ndarray:
+    """One row per reference: the reference, then per patched layer its S* map and masked reference.
+
+    With ``placeholders`` (several concepts), row ``k`` is the map of reference ``k``'s own
+    placeholder, whose name is written on its reference.
+    """
     height, width = references.shape[1:3]
     records = sorted(records, key=lambda r: r.layer)
     rows: list[list[np.ndarray]] = [[reference] for reference in references]
@@ -357,6 +419,11 @@ def attention_picture(records: Sequence[AttentionRecord], references: np.ndarray
             keep = masks[k, 0].cpu().numpy()[..., None]
             rows[k].append(hot_colormap(maps[k, 0].cpu().numpy()))
             rows[k].append((reference * (0.2 + 0.8 * keep)).round().astype(np.uint8))
+    for k, placeholder in enumerate(placeholders or []):
+        if placeholder is not None:
+            labelled = Image.fromarray(rows[k][0])
+            ImageDraw.Draw(labelled).text((2, 2), placeholder, fill="white", stroke_width=1, stroke_fill="black")
+            rows[k][0] = np.asarray(labelled)
     labels = ["reference"] + [f"L{r.layer} {kind}" for r in records for kind in ("map", "mask")]
     return _with_header(make_grid(rows), labels, width)
 
@@ -491,8 +558,12 @@ def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None
     record_steps = attention_steps(len(schedule)) if args.save_attention else []
     progress = tqdm(total=len(job.prompts) * args.n_iter, desc="Sampling", unit="batch")
     with progress, torch.no_grad(), precision_context(args.precision, job.device):
-        reference_images = to_tensor(job.references)
-        for prompt, slug in zip(job.prompts, unique_slugs([p.text for p in job.prompts])):
+        if job.plans is None:
+            plan_references(job, model)
+        slugs = unique_slugs([p.text for p in job.prompts])
+        for prompt, slug, (used, placeholders) in zip(job.prompts, slugs, job.plans):
+            prompt_references = job.references[used]
+            reference_images = to_tensor(prompt_references)
             rows: list[list[np.ndarray | None]] = []
             for iteration in range(args.n_iter):
                 first = iteration * args.n_samples
@@ -514,17 +585,18 @@ def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None
                     negative_prompt=prompt.negative,
                     record_attention=record_steps if iteration == 0 else (),
                     verbose=True,
+                    reference_placeholders=placeholders,
                 )
                 warn_non_finite(decoded)
                 images = to_uint8(decoded)
                 for seed, image in zip(seeds, images):
                     metadata = image_metadata(args, job, prompt, seed, reference_seed, eta)
                     number = save_new_sample(image, sample_dir, number, metadata) + 1
-                references = list(job.references) if iteration == 0 else [None] * len(job.references)
+                references = list(prompt_references) if iteration == 0 else [None] * len(prompt_references)
                 rows.append([*references, *images])
                 for step, records in intermediates["attention"].items():
                     stem = f"{slug}-step{step:03d}-t{round(schedule.step_timestep(step)):04d}"
-                    save_new_png(attention_picture(records, job.references), attention_dir, stem)
+                    save_new_png(attention_picture(records, prompt_references, placeholders), attention_dir, stem)
                 progress.update()
             grid_metadata = {"prompt": prompt.text, "negative_prompt": prompt.negative, "seeds": f"{args.seed}-{seeds[-1]}"}
             path = save_new_png(make_grid(rows), outdir, f"grid-{slug}", grid_metadata)
@@ -538,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         job = prepare(args)
         model = build_vico_model(job.weights, job.config, args.base_ckpt, job.device)
+        plan_references(job, model)
     except (CheckpointError, ImageError, ValueError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2

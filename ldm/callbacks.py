@@ -274,9 +274,11 @@ class ImageLogger(pl.Callback):
         end_of_step = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         if self.batch_frequency <= 0 or step % self.batch_frequency or not end_of_step:
             return
-        prompts = self.prompts or [f"a photo of {placeholder_string(pl_module)}"]
+        dataset = getattr(getattr(trainer, "datamodule", None), "train_dataset", None)
+        concepts = list(getattr(dataset, "placeholder_tokens", None) or [placeholder_string(pl_module)])
+        prompts = self.prompts or [f"a photo of {placeholder}" for placeholder in concepts]
         with torch.no_grad(), _eval_mode(pl_module):
-            rows = [self.sample(pl_module, prompt) for prompt in prompts]
+            rows = [self.sample(pl_module, prompt, concepts, dataset) for prompt in prompts]
         grid = make_grid((torch.cat(rows).float().clamp(-1, 1) + 1) / 2, nrow=self.max_images + 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:06d}.png"
@@ -285,11 +287,23 @@ class ImageLogger(pl.Callback):
         log_grid(trainer, grid, step, " | ".join(prompts))
         logger.info("logged samples of %s to %s", prompts, path)
 
-    def sample(self, model: pl.LightningModule, prompt: str) -> torch.Tensor:
-        """The reference (as the VAE sees it) followed by guided samples of ``prompt``."""
+    def sample(
+        self, model: pl.LightningModule, prompt: str, concepts: Sequence[str] = (), dataset: Any = None
+    ) -> torch.Tensor:
+        """The reference (as the VAE sees it) followed by guided samples of ``prompt``.
+
+        With several concepts the references are the first photo of each concept the prompt
+        names, each masked by its own placeholder's map (one concept: its first photo).
+        """
         generator = torch.Generator(device=model.device).manual_seed(self.seed)
-        reference_index = torch.zeros(1, dtype=torch.long, device=model.device)
-        reference_flip = torch.zeros(1, dtype=torch.bool, device=model.device)
+        named = [p for p in model.embedding_manager.placeholders_in(model.tokenize([prompt])[0]) if p in concepts]
+        placeholders = None
+        first_photos = [0]
+        if len(concepts) > 1 and named:
+            placeholders = named
+            first_photos = [dataset.concept_images(concepts.index(p))[0] for p in named]
+        reference_index = torch.tensor(first_photos, dtype=torch.long, device=model.device)
+        reference_flip = torch.zeros(len(first_photos), dtype=torch.bool, device=model.device)
         reference_latent = model.cached_latent(reference_index, reference_flip, generator)
         samples, _ = sample_prompt(
             model,
@@ -301,6 +315,7 @@ class ImageLogger(pl.Callback):
             steps=self.ddim_steps,
             scale=self.guidance_scale,
             generator=generator,
+            reference_placeholders=placeholders,
         )
         return torch.cat([model.decode_first_stage(reference_latent), samples])
 

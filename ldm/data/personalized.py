@@ -12,6 +12,7 @@ caches the posteriors, so items carry indices, not pixels.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -71,10 +72,18 @@ CAPTION_TEMPLATES: dict[str, tuple[str, ...]] = {"vico": VICO_TEMPLATES, "short"
 
 
 class PersonalizedBase(Dataset):
-    """Photos of one concept with reference photos and placeholder captions.
+    """Photos of one concept (or several) with reference photos and placeholder captions.
+
+    Several concepts (multi-object composition, paper Appendix, Fig. 25) are given as lists:
+    ``data_root: [a, b]`` with ``placeholder_token: ["*", "@"]``, one placeholder per folder.
+    Item ``i`` then belongs to concept ``i % C`` (the concepts take turns, whatever their photo
+    counts) and is that concept's item ``i // C``: a photo of it, a reference photo of the *same*
+    concept and a caption with *its* placeholder. With one concept this is the single-concept
+    dataset, item for item.
 
     Args:
-        data_root: folder of photos (jpg, jpeg, png, webp, bmp; other files are ignored).
+        data_root: folder of photos (jpg, jpeg, png, webp, bmp; other files are ignored), or
+            a list of folders, one per concept.
         size: side of the square images fed to the autoencoder.
         repeats: nominal epoch length is ``repeats`` x the number of photos.
         interpolation: resampling filter for resizing.
@@ -83,7 +92,8 @@ class PersonalizedBase(Dataset):
             the centre square.
         flip_p: probability of a horizontal flip of the photo and, independently, of the
             reference (the original's default is 0).
-        placeholder_token: the string standing for S* in the captions.
+        placeholder_token: the string standing for S* in the captions; with several folders,
+            a list of as many distinct strings (concept ``c`` is captioned with the ``c``-th).
         caption_templates: ``"vico"``, the authors' 81 captions, or ``"short"``, the 27
             "photo"/"rendering"/"rendition" captions of the first Textual Inversion.
         seed: seed of the per-item choices.
@@ -91,12 +101,12 @@ class PersonalizedBase(Dataset):
 
     def __init__(
         self,
-        data_root: str,
+        data_root: str | list[str],
         size: int = 512,
         repeats: int = 100,
         interpolation: str = "bicubic",
         flip_p: float = 0.0,
-        placeholder_token: str = "*",
+        placeholder_token: str | list[str] = "*",
         seed: int = 0,
         resize_mode: ResizeMode = "squash",
         caption_templates: str = "vico",
@@ -104,19 +114,34 @@ class PersonalizedBase(Dataset):
         if caption_templates not in CAPTION_TEMPLATES:
             raise ValueError(f"caption_templates must be one of {tuple(CAPTION_TEMPLATES)}, got '{caption_templates}'")
         self.templates = CAPTION_TEMPLATES[caption_templates]
-        self.paths = list_images(data_root)
-        images, errors = [], []
-        for path in self.paths:
-            try:
-                images.append(load_image(path, size, interpolation, resize_mode))
-            except ImageError as err:
-                errors.append(f"{path.name} ({err})")
-        if errors:
-            raise ImageError(f"{len(errors)} unreadable image(s) in {data_root}: " + "; ".join(errors))
+        roots = [data_root] if isinstance(data_root, (str, os.PathLike)) else list(data_root)
+        placeholders = [placeholder_token] if isinstance(placeholder_token, str) else list(placeholder_token)
+        if not roots or len(roots) != len(placeholders):
+            raise ValueError(
+                f"{len(roots)} data folder(s) and {len(placeholders)} placeholder(s): give one placeholder per folder"
+            )
+        if len(set(placeholders)) != len(placeholders):
+            raise ValueError(f"the concepts' placeholders {placeholders} repeat: each concept needs its own")
+        self.paths, self.concept_start, images = [], [], []
+        for root in roots:
+            paths = list_images(root)
+            errors = []
+            self.concept_start.append(len(self.paths))
+            for path in paths:
+                try:
+                    images.append(load_image(path, size, interpolation, resize_mode))
+                except ImageError as err:
+                    errors.append(f"{path.name} ({err})")
+            if errors:
+                raise ImageError(f"{len(errors)} unreadable image(s) in {root}: " + "; ".join(errors))
+            self.paths += paths
+        self.concept_start.append(len(self.paths))
         self.images = np.stack(images)
         self.size = size
         self.repeats = repeats
         self.flip_p = flip_p
+        self.data_roots = roots
+        self.placeholder_tokens = placeholders
         self.placeholder_token = placeholder_token
         self.seed = seed
 
@@ -124,16 +149,27 @@ class PersonalizedBase(Dataset):
     def num_images(self) -> int:
         return len(self.paths)
 
+    @property
+    def num_concepts(self) -> int:
+        return len(self.placeholder_tokens)
+
+    def concept_images(self, concept: int) -> range:
+        """Indices (into :meth:`pixels`) of concept ``concept``'s photos."""
+        return range(self.concept_start[concept], self.concept_start[concept + 1])
+
     def __len__(self) -> int:
         return self.num_images * self.repeats
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         rng = np.random.default_rng((self.seed, index))
-        image_index = index % self.num_images
-        others = [i for i in range(self.num_images) if i != image_index] or [image_index]
+        concept = index % self.num_concepts
+        photos = self.concept_images(concept)
+        image_index = photos[(index // self.num_concepts) % len(photos)]
+        others = [i for i in photos if i != image_index] or [image_index]
         reference_index = others[rng.integers(len(others))]
+        placeholder = self.placeholder_tokens[concept]
         return {
-            "caption": self.templates[rng.integers(len(self.templates))].format(self.placeholder_token),
+            "caption": self.templates[rng.integers(len(self.templates))].format(placeholder),
             "image_index": image_index,
             "reference_index": reference_index,
             "flip": bool(rng.random() < self.flip_p),
