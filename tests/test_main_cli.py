@@ -51,7 +51,7 @@ def test_overrides_may_stand_anywhere():
     assert opt.train is True and opt.base == ["x.yaml"] and opt.name == "run"
     assert overrides == ["a.b=1", "c.d=2", "e=3"]
     opt, _ = main.parse_args(["--data_root=some/folder", "-t", "False"])
-    assert opt.data_root == "some/folder" and opt.train is False
+    assert opt.data_root == ["some/folder"] and opt.train is False
 
 
 def test_help_shows_defaults(capsys):

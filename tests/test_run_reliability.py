@@ -172,7 +172,11 @@ def test_one_training_photo_is_a_clear_warning(tmp_path, caplog):
     photos = tmp_path / "one"
     photos.mkdir()
     Image.open(REFERENCE).save(photos / "only.jpg")
-    setup(tmp_path / "logs", f"--data_root={photos}", steps=1)
+    opt, overrides = main.parse_args(
+        ["--base", TINY, "-t", "--logdir", str(tmp_path / "logs"), f"--data_root={photos}", "lightning.trainer.max_steps=1",
+         "lightning.callbacks.image_logger.params.batch_frequency=0", "lightning.trainer.enable_progress_bar=false"]
+    )  # fmt: skip
+    main.setup_run(opt, overrides)  # not setup(): its --data_root would make this a second concept
     assert "only one training photo" in caplog.text and "its own reference" in caplog.text
 
 
