@@ -19,7 +19,7 @@ iteration of ``sample.py --seed s`` with the same settings.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from PIL import Image
 from ldm.data.images import to_tensor
 from ldm.models.diffusion.ddpm import LatentDiffusion
 from ldm.models.diffusion.samplers import make_sampler
-from ldm.models.diffusion.sampling import REFERENCE_LATENTS, load_reference_images, sample_seeded
+from ldm.models.diffusion.sampling import REFERENCE_LATENTS, load_reference_images, references_for_prompt, sample_seeded
 from ldm.models.export import export_trained
 from ldm.models.loading import autoencoder_factor, default_image_size, load_vico_model
 
@@ -75,7 +75,7 @@ def load(
 def sample(
     vico: ViCo,
     prompt: str,
-    references: Sequence[PathLike],
+    references: Sequence[PathLike] | Mapping[str, PathLike],
     n_samples: int = 1,
     negative_prompt: str = "",
     steps: int = 50,
@@ -91,7 +91,9 @@ def sample(
     """Sample ``n_samples`` images of ``prompt`` (``*`` is the learned concept).
 
     Args:
-        references: reference photo files; several are concatenated as reference tokens.
+        references: reference photo files; several are concatenated as reference tokens. Several
+            concepts (multi-object composition): ``{placeholder: photo}``; the prompt uses the
+            photos of the placeholders it names, each masked by its own placeholder's map.
         sampler: ``ddim``, ``plms``, ``dpmpp_2m`` or ``euler_a``; ``spacing`` (``uniform`` or
             ``karras``) sets the noise levels of the last two; ``eta`` as ``sample.py --ddim_eta``.
         seed: image ``k`` uses ``seed + k``; the reference posterior sample uses ``seed``.
@@ -106,6 +108,11 @@ def sample(
     height, width = _image_size(vico.config, size)
     factor = autoencoder_factor(vico.config)
     model = vico.model
+    placeholders = None
+    if isinstance(references, Mapping):
+        keys, photos = list(references), list(references.values())
+        used, placeholders = references_for_prompt(model.embedding_manager, model.tokenize([prompt])[0], keys)
+        references = [photos[i] for i in used]
     images = to_tensor(load_reference_images(references, (height, width), ref_resize))
     decoded, _ = sample_seeded(
         model,
@@ -119,6 +126,7 @@ def sample(
         scale=scale,
         eta=eta,
         negative_prompt=negative_prompt,
+        reference_placeholders=placeholders,
     )
     pixels = ((decoded.float() + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(image) for image in pixels]

@@ -338,3 +338,16 @@ def test_cli_reference_errors_are_one_line(adapters, tmp_path, capsys, refs, pro
     assert code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert expected in err
     assert not (tmp_path / "out" / "samples").exists() or not any((tmp_path / "out" / "samples").iterdir())
+
+
+def test_api_takes_references_per_placeholder(adapters):
+    from ldm import api
+
+    single, double = api.load(adapters["single"]), api.load(adapters["double"])
+    settings = dict(steps=2, seed=3, size=64)
+    plain = api.sample(single, "a photo of *", [TOY / "00.jpg"], **settings)
+    keyed = api.sample(double, "a photo of *", {"*": TOY / "00.jpg", "@": RING / "00.png"}, **settings)
+    assert np.array_equal(np.asarray(plain[0]), np.asarray(keyed[0]))
+    assert len(api.sample(double, BOTH, {"*": TOY / "00.jpg", "@": RING / "00.png"}, **settings)) == 1
+    with pytest.raises(ValueError, match="no reference is given"):
+        api.sample(double, BOTH, {"*": TOY / "00.jpg"}, **settings)
