@@ -132,7 +132,7 @@ def measure(
         "saved_activations_mib": saved_mib if saved_mib else None,
     }
     if device.type == "meta":  # counts only
-        print(f"  {model:18s} {name:55s} {fmt(row['tflop'], '.4f')} TFLOP", file=sys.stderr, flush=True)
+        print(f"  {model:18s} {name:55s} {fmt(row['tflop'], '.4f')} TFLOP, saved {fmt(saved_mib, '.0f')} MiB", file=sys.stderr, flush=True)
         return row
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -459,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             rows += startup_rows(config, device, Path(folder))
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "meta (counts only)" if device == meta else f"CPU ({torch.get_num_threads()} threads)"
     header = f"{args.config} {' '.join(args.overrides)} on {where}, {args.precision}, torch {torch.__version__}, median of {args.repeats} after 2 warm-up calls"
     print(header)
     print("parameters (M): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in parameters.items()) + "\n")
