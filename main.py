@@ -90,7 +90,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows defaults, except where there is none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is argparse.SUPPRESS:
+        if action.default is None or action.default is argparse.SUPPRESS or "(default:" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 

@@ -61,6 +61,7 @@ def test_help_shows_defaults(capsys):
     out = capsys.readouterr().out
     assert "(default: logs)" in out and "(default: 1)" in out and "default: 23" in out
     assert "--placeholder_string" in out
+    assert "(default: the config's name)" in out and "(default: )" not in out  # said once, in words
 
 
 def test_unknown_flag_is_one_line(capsys, tmp_path):
