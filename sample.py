@@ -51,6 +51,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import sys
@@ -349,7 +350,20 @@ def prepare(args: argparse.Namespace) -> Job:
     paths, keys = parse_references(args.ref, list(placeholders))
     references = load_reference_images(paths, (height, width), args.ref_resize)
     warn_missing_placeholders(prompts, config)
+    check_outdir(args.outdir)
     return Job(weights, config, prompts, references, height, width, factor, device, sampler, keys)
+
+
+def check_outdir(outdir: str) -> None:
+    """``--outdir`` can be created and written, checked without creating anything."""
+    path = Path(outdir).absolute()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--outdir {outdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--outdir {outdir}: {existing} is not writable")
 
 
 # ----------------------------------------------------------------- pictures
@@ -614,7 +628,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, ImageError, ValueError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    generate(args, job, model)
+    try:
+        generate(args, job, model)
+    except OSError as err:  # a full disk or a folder removed during the run: the files written so far stay
+        print(f"error: cannot write to --outdir {args.outdir}: {err.strerror or err}", file=sys.stderr)
+        return 1
     return 0
 
 

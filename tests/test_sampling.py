@@ -1,12 +1,14 @@
 """DDIM/PLMS with the shared reference stream, the ViCo loader's three formats, and sample.py."""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -391,6 +393,8 @@ def bad_input_cases(files, bad_files, tmp_path):
     random_bytes.write_bytes(bytes(range(256)) * 8)
     two_negatives = tmp_path / "prompts.txt"
     two_negatives.write_text("a * | blurry | dark\n")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
     tiny = ["--config", str(TINY_CONFIG)]
     return {
         "missing ref": (["--ref", str(tmp_path / "nope.jpg")], "image not found"),
@@ -410,6 +414,7 @@ def bad_input_cases(files, bad_files, tmp_path):
         "directory as ckpt": (["--ckpt", str(tmp_path)], "is a directory, not a checkpoint file"),
         "random bytes": (["--ckpt", str(random_bytes)], "not a checkpoint (neither"),
         "two separators": (["--from_file", str(two_negatives)], "has more than one '|'"),
+        "outdir under a file": (["--outdir", str(a_file / "out")], "a-file is a file, not a folder"),
     }
 
 
@@ -449,7 +454,7 @@ def test_cli_error_as_a_subprocess_has_no_traceback(tmp_path):
             sys.executable, str(ROOT / "sample.py"),
             "--ckpt", str(tmp_path / "nope.ckpt"), "--ref", str(PHOTOS[0]), "--prompt", PROMPT,
         ],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=ROOT, timeout=600,  # a shared, loaded machine: the message is tested, not the speed
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.splitlines() == [f"error: checkpoint not found: {tmp_path / 'nope.ckpt'}"]
@@ -557,3 +562,30 @@ def test_sampled_images_are_clamped_to_the_image_range(tiny, monkeypatch):
         tiny, DDIMSampler(tiny), PROMPT, references(1), 2, LATENT, 2, 7.5, torch.Generator().manual_seed(0)
     )
     assert decoded.min() == -1 and decoded.max() == 1
+
+
+def test_png_metadata_keeps_paths_as_typed():
+    """Paths go into the PNG chunks exactly as the user typed them: a relative path stays relative
+    (so ``regenerate`` works again from the same folder and names no folder of this machine), an
+    absolute one stays absolute (README: type relative paths for pictures you share)."""
+    args = sample.build_parser().parse_args(
+        ["--ckpt", "logs/run/checkpoints/last.ckpt", "--ref", "photos/00.jpg", "--ref", "/abs/01.jpg", "--prompt", PROMPT]
+    )
+    job = SimpleNamespace(sampler="ddim", width=64, height=64)
+    text = sample.image_metadata(args, job, sample.Prompt(PROMPT), seed=3, reference_seed=3, eta=0.0)
+    assert json.loads(text["checkpoint"]) == ["logs/run/checkpoints/last.ckpt"]
+    assert json.loads(text["references"]) == ["photos/00.jpg", "/abs/01.jpg"]
+    regenerate = shlex.split(text["regenerate"])
+    assert regenerate[regenerate.index("--ckpt") + 1] == "logs/run/checkpoints/last.ckpt"
+    assert regenerate[regenerate.index("--ref") + 1 : regenerate.index("--ref") + 3] == ["photos/00.jpg", "/abs/01.jpg"]
+    assert str(Path.cwd()) not in "".join(text.values())
+
+
+def test_a_full_disk_while_sampling_is_one_line(files, tmp_path, capsys, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sample, "save_png", full)
+    assert sample.main(cli(files, tmp_path / "out")) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line or "Traceback" in line]
+    assert errors == [f"error: cannot write to --outdir {tmp_path / 'out'}: No space left on device"]
