@@ -17,7 +17,8 @@ import sample
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ksamplers import DPMSolverPP2MSampler, EulerAncestralSampler
 from ldm.models.diffusion.parameterization import eps_from_v, to_eps, v_target, x0_from_v
-from ldm.models.diffusion.sampling import DDIMSchedule
+from ldm.models.diffusion.ksamplers import SigmaSchedule
+from ldm.models.diffusion.sampling import DDIMSchedule, alpha_at
 from ldm.modules.embedding_manager import EmbeddingManager
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder, FrozenOpenCLIPEmbedder
 from ldm.util import check_stored_config, instantiate_from_config
@@ -221,6 +222,20 @@ def test_loss_target_is_v_for_a_v_model():
 
 
 # ------------------------------------------------------------------ v-prediction sampling
+def test_alpha_at_fractional_timesteps_is_the_sigma_samplers_noise_level():
+    """The v -> eps conversion of the guided call uses the noise level the sigma samplers sample
+    at (log sigma interpolated between training timesteps), and alphas_cumprod[t] at integers."""
+    model = _IdealDenoiser("v")
+    alphas = model.alphas_cumprod
+    t = torch.tensor(500)
+    assert torch.equal(alpha_at(alphas, t), alphas[500])
+    torch.testing.assert_close(alpha_at(alphas, t.float()), alphas[500], rtol=1e-6, atol=0)
+    for spacing in ("uniform", "karras"):
+        schedule = SigmaSchedule.from_model(model, 7, spacing, torch.device("cpu"))
+        for timestep, sigma in zip(schedule.timesteps, schedule.sigmas[:-1]):
+            torch.testing.assert_close(alpha_at(alphas, timestep), 1 / (1 + sigma**2), rtol=1e-5, atol=0)
+
+
 class _IdealDenoiser(torch.nn.Module):
     """The exact denoiser of Gaussian data x0 ~ N(0, s^2), predicting noise or velocity.
 

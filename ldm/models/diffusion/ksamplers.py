@@ -94,8 +94,7 @@ class SigmaSampler(ScheduledSampler):
     ) -> tuple[Tensor, Tensor]:
         """``(x_bar, D)``: the sigma-scale latent of ``x`` at ``step`` and the denoised estimate."""
         sigma = run.schedule.sigmas[step]
-        # a v-model's output is converted at this sigma's own alpha (fractional timesteps)
-        eps = run.denoiser(x, run.schedule.timesteps[step], records, alpha_cumprod=1 / (1 + sigma**2))
+        eps = run.denoiser(x, run.schedule.timesteps[step], records)
         x_bar = x * (1 + sigma**2).sqrt()
         return x_bar, x_bar - sigma * eps
 

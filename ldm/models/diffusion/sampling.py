@@ -347,6 +347,21 @@ def _batch_rows(context: Tensor, batch_size: int, name: str) -> Tensor:
     return context
 
 
+def alpha_at(alphas_cumprod: Tensor, t: Tensor) -> Tensor:
+    """The cumulative alpha at timestep ``t`` (0-dim): ``alphas_cumprod[t]`` for an integer ``t``;
+    for a fractional one, ``1 / (1 + sigma^2)`` with log sigma interpolated linearly between the
+    neighbouring training timesteps, which is how the sigma samplers
+    (:class:`ldm.models.diffusion.ksamplers.SigmaSchedule`) relate their noise levels to
+    timesteps. Computed on the device, without host synchronisation.
+    """
+    if not t.is_floating_point():
+        return alphas_cumprod[t]
+    log_sigmas = 0.5 * ((1 - alphas_cumprod) / alphas_cumprod).log()
+    low = t.floor().long().clamp(0, alphas_cumprod.shape[0] - 2)
+    log_sigma = torch.lerp(log_sigmas[low], log_sigmas[low + 1], (t - low).to(log_sigmas.dtype))
+    return torch.sigmoid(-2 * log_sigma)  # 1 / (1 + exp(2 log sigma))
+
+
 class GuidedDenoiser:
     """The model call of one sampling step: classifier-free guidance plus the shared reference.
 
@@ -445,18 +460,12 @@ class GuidedDenoiser:
             )
         return output
 
-    def __call__(
-        self,
-        x: Tensor,
-        t: Tensor,
-        records: list[AttentionRecord] | None = None,
-        alpha_cumprod: Tensor | None = None,
-    ) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, records: list[AttentionRecord] | None = None) -> Tensor:
         """The (guided) noise prediction for ``x`` at timestep ``t``.
 
-        A v-prediction model's guided output is converted to noise with ``alpha_cumprod``, the
-        cumulative alpha of ``x``'s noise level (by default ``alphas_cumprod[t]``, for integer
-        timesteps; the sigma samplers pass ``1 / (1 + sigma^2)``).
+        A v-prediction model's guided output is converted to noise at the noise level of ``t``
+        (:func:`alpha_at`: ``alphas_cumprod[t]``, or for the fractional timesteps of the sigma
+        samplers the level they sample at).
         """
         output = self.model_output(x, t, records)
         if self.guided:
@@ -465,9 +474,7 @@ class GuidedDenoiser:
         parameterization = getattr(self.model, "parameterization", "eps")
         if parameterization == "eps":
             return output
-        if alpha_cumprod is None:
-            alpha_cumprod = self.model.alphas_cumprod[t.long()]
-        return to_eps(parameterization, x, output, alpha_cumprod)
+        return to_eps(parameterization, x, output, alpha_at(self.model.alphas_cumprod, t))
 
 
 @dataclass
