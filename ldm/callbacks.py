@@ -109,7 +109,7 @@ class ViCoCheckpoint(ModelCheckpoint):
             return
         self.interrupted_at = trainer.global_step
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
-            trainer.save_checkpoint(self.last_path)
+            trainer.save_checkpoint(self.last_path, weights_only=False)  # resumable: optimizer and loops too
             self._last_global_step_saved = trainer.global_step
 
 

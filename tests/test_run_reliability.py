@@ -133,6 +133,7 @@ def test_the_data_stream_follows_the_seed_and_resume_keeps_it(tmp_path):
 
 # ------------------------------------------------------------------ Ctrl-C
 def test_ctrl_c_saves_a_checkpoint_and_an_export_and_says_how_to_continue(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pytorch_lightning")
     handler = signal.getsignal(signal.SIGINT)
     code = main.main(
         ["--base", TINY, "-t", "--logdir", str(tmp_path), "-n", "stop", "lightning.trainer.max_steps=5",
@@ -143,6 +144,7 @@ def test_ctrl_c_saves_a_checkpoint_and_an_export_and_says_how_to_continue(tmp_pa
     assert code == 130
     assert f"interrupted at step 2: saved {run / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert f"python main.py -t -r {run}" in caplog.text
+    assert "Detected KeyboardInterrupt" in caplog.text and "weights_only` was not set" not in caplog.text  # a full state, said so
     assert step_of(run / "checkpoints" / "last.ckpt") == 2
     assert (run / "checkpoints" / "cross_attention-2.pt").is_file() and (run / "checkpoints" / "adapter.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) == handler
