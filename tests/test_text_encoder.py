@@ -224,8 +224,10 @@ def test_positions_with_several_vectors_are_those_after_expansion(
     """The end-of-text index lands on end-of-text, the placeholder index on the first S* vector."""
     manager = EmbeddingManager(tiny_embedder, placeholders, None, num_vectors_per_token=3)
     tokens = tiny_embedder.tokenize(prompts)
-    placeholder_index, eot_index, found = manager.placeholder_positions(tokens)
+    placeholder_index, eot_index, found = manager.placeholder_positions(tokens, placeholders[0])
     assert (placeholder_index.tolist(), eot_index.tolist()) == expected
+    first_in_row, _, _ = manager.placeholder_positions(tokens)  # no name: whichever comes first in the row
+    assert first_in_row.tolist() == ([1] if prompts == ["@ and *"] else expected[0])
     expanded = manager(tokens, tiny_embedder.token_embedding(tokens))
     rows = torch.arange(len(prompts))
     eos = tiny_embedder.token_embedding.weight[EOS]
