@@ -143,7 +143,7 @@ def classifier_scores(classifier, spec: ConceptSpec, samples: list[Path], prompt
 
 
 @torch.no_grad()
-def attention_scores(args: argparse.Namespace, prompts: Sequence[str], photos: list[Path], concept: Path) -> dict[str, Any]:
+def attention_scores(args: argparse.Namespace, prompts: Sequence[str], photos: list[Path]) -> dict[str, Any]:
     """Mask IoU of the checkpoint's S* attention on the reference photo, per patched layer."""
     from ldm.models.diffusion.sampling import encode_references, make_ddim_timesteps
     from ldm.models.loading import load_vico_model
@@ -224,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"no world classifier at {args.classifier} (scripts/miniworld.py train-classifier makes it)")
         classifier = load_classifier(args.classifier)
         scores = classifier_scores(classifier, spec, samples, prompts, photos)
-        attention = attention_scores(args, prompts, photos, concept) if args.ckpt else None
+        attention = attention_scores(args, prompts, photos) if args.ckpt else None
     except (UsageError, CheckpointError, ImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
