@@ -440,8 +440,9 @@ def reference_records(model, reference_latents: torch.Tensor, prompt: str, times
     return records
 
 
-def attention_timesteps(evaluation: Evaluation, model) -> list[int]:
-    steps = make_ddim_timesteps(evaluation.settings.ddim_steps, model.num_timesteps)
+def attention_timesteps(ddim_steps: int, num_timesteps: int) -> list[int]:
+    """The timesteps of a ``ddim_steps`` DDIM schedule at :data:`ATTENTION_FRACTIONS` of it."""
+    steps = make_ddim_timesteps(ddim_steps, num_timesteps)
     return sorted({int(steps[round(f * (len(steps) - 1))]) for f in ATTENTION_FRACTIONS})
 
 
@@ -449,7 +450,7 @@ def score_attention(job: MethodJob, model, reference_latents, evaluation: Evalua
     """Write ``attention.json`` (mask IoU per scene, timestep and layer; the IoU a mask of every
     patch would reach) and ``attention.png`` (the first scene, mid-schedule)."""
     true_mask = load_image(job.reference_mask)[..., 0] > 127
-    timesteps = attention_timesteps(evaluation, model)
+    timesteps = attention_timesteps(evaluation.settings.ddim_steps, model.num_timesteps)
     ious: dict[str, dict[int, dict[int, float]]] = {}
     grids: dict[int, tuple[int, int]] = {}
     for scene in job.scenes:

@@ -190,15 +190,14 @@ def train_diffusion(recipe: DictConfig, model_config: DictConfig, images: np.nda
     autoencoder_file = Path(recipe.cache_dir) / "autoencoder.safetensors"
     if not autoencoder_file.is_file():
         raise UsageError(f"no trained autoencoder at {autoencoder_file}: run --stage vae first")
-    model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
     if settings.get("init_from"):
-        # A further round from an earlier base file: its UNet and text encoder (the autoencoder
-        # is the cached one, which that base was trained on).
+        # A further round from an earlier base file: its UNet and text encoder (the autoencoder,
+        # loaded next, is the cached one that base was trained on).
         init = Path(settings.init_from)
         if not init.is_file():
             raise UsageError(f"diffusion.init_from: no base model at {init}")
         model.load_base_checkpoint(str(init))
-        model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
+    model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
     mean, std = encode_scenes(model, images)
     tokens = model.cond_stage_model.tokenizer(captions)
     empty = model.cond_stage_model.tokenizer([""])[0]

@@ -59,8 +59,7 @@ logger = logging.getLogger("score_miniworld")
 DEFAULT_CLASSIFIER = ROOT / "models" / "miniworld" / "classifier.safetensors"
 DEFAULT_BASE = ROOT / "models" / "miniworld" / "base.safetensors"
 SAMPLE_NAME = re.compile(r"^\d{5}\.png$")
-#: Where in a 50-step DDIM schedule the S* attention on the reference is scored.
-ATTENTION_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+#: The DDIM schedule whose points (``evaluate_miniworld.ATTENTION_FRACTIONS``) the mask IoU is scored at.
 ATTENTION_DDIM_STEPS = 50
 
 
@@ -145,9 +144,9 @@ def classifier_scores(classifier, spec: ConceptSpec, samples: list[Path], prompt
 @torch.no_grad()
 def attention_scores(args: argparse.Namespace, prompts: Sequence[str], photos: list[Path]) -> dict[str, Any]:
     """Mask IoU of the checkpoint's S* attention on the reference photo, per patched layer."""
-    from ldm.models.diffusion.sampling import encode_references, make_ddim_timesteps
+    from ldm.models.diffusion.sampling import encode_references
     from ldm.models.loading import load_vico_model
-    from scripts.evaluate_miniworld import reference_records
+    from scripts.evaluate_miniworld import attention_timesteps, reference_records
 
     reference_path = Path(args.ref) if args.ref else photos[0]
     mask_path = reference_path.parent / "masks" / reference_path.name
@@ -157,8 +156,7 @@ def attention_scores(args: argparse.Namespace, prompts: Sequence[str], photos: l
     model, _ = load_vico_model(args.ckpt, base_ckpt=args.base_ckpt)
     reference = load_image(reference_path, (IMAGE_SIZE, IMAGE_SIZE))
     reference_latents = encode_references(model, to_tensor(np.stack([reference])))
-    steps = make_ddim_timesteps(ATTENTION_DDIM_STEPS, model.num_timesteps)
-    timesteps = sorted({int(steps[round(f * (len(steps) - 1))]) for f in ATTENTION_FRACTIONS})
+    timesteps = attention_timesteps(ATTENTION_DDIM_STEPS, model.num_timesteps)
     rows, grids = [], {}
     for prompt in dict.fromkeys(prompts):
         for timestep in timesteps:
