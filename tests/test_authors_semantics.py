@@ -159,8 +159,9 @@ def test_image_attention_wiring():
         assert torch.equal(seen[layer]["image_args"][0], noisy_tokens)
         assert torch.equal(kwargs["context"], reference_tokens)
         assert torch.equal(kwargs["mask"], record.mask) and kwargs["mask_mode"] == "logits"
-        # n'_t = A_I(n_t, c_I) replaces the noisy tokens (the block's own residuals, no other)
-        noisy_proj_in = seen[layer]["proj_out"][0]
+        # n'_t = A_I(n_t, c_I) replaces the noisy tokens (the block's own residuals, no other);
+        # proj_out runs on both streams stacked on the batch, the noisy samples first.
+        noisy_proj_in = seen[layer]["proj_out"][0][: x.shape[0]]
         assert torch.equal(noisy_proj_in.flatten(2).transpose(1, 2), seen[layer]["image_out"])
 
 

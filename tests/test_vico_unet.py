@@ -92,20 +92,21 @@ def test_regulariser_collected_once_per_patched_layer():
 
 def test_reference_stream_stops_after_last_patched_layer():
     unet = tiny_unet(layers=[4])
-    calls: dict[int, int] = {}
+    batches: dict[int, list[int]] = {}
 
-    def counter(index):
+    def recorder(index):
         def hook(module, args, output):
-            calls[index] = calls.get(index, 0) + 1
+            batches.setdefault(index, []).append(args[0].shape[0])
 
         return hook
 
     for i, block in enumerate(unet.output_blocks):
-        block[0].register_forward_hook(counter(i))
+        block[0].register_forward_hook(recorder(i))
     x, t, context = inputs(2)
     unet(x, t, context, make_reference(2))
-    # Layer 4 lives in output block 1: blocks 0-1 run both streams, the rest only the noisy one.
-    assert calls == {0: 2, 1: 2, 2: 1, 3: 1}
+    # Layer 4 lives in output block 1: blocks 0-1 run both streams (stacked: 2 noisy + 2
+    # reference samples in one call), the rest only the noisy one.
+    assert batches == {0: [4], 1: [4], 2: [2], 3: [2]}
 
 
 @pytest.mark.parametrize("guided", [False, True])

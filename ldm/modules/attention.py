@@ -232,25 +232,33 @@ class SpatialTransformer(nn.Module):
         Returns:
             The new ``x`` and the new reference features (``None`` without a reference).
         """
-        height, width = x.shape[-2:]
-        tokens = self._to_tokens(x)
         if reference_h is None:
-            for block in self.transformer_blocks:
-                tokens = block(tokens, context=context)
-            return self._from_tokens(tokens, height, width) + x, None
+            return self._text_transformer(x, context), None
 
-        reference_tokens = self._to_tokens(reference_h)
+        # The streams only meet in image attention; everything else runs on them stacked on the
+        # batch (per-sample arithmetic, so equal to two calls up to float rounding, half the launches).
+        height, width = x.shape[-2:]
+        noisy_batch = x.shape[0]
+        both = torch.cat([x, reference_h])
+        if self.image_cross_attention is None:
+            both = self._text_transformer(both, torch.cat([context, reference.context]))
+            return both[:noisy_batch], both[noisy_batch:]
+        both_tokens = self._to_tokens(both)
+        tokens, reference_tokens = both_tokens[:noisy_batch], both_tokens[noisy_batch:]
         for block in self.transformer_blocks:
             tokens = block(tokens, context=context)
-            if self.image_cross_attention is None:
-                reference_tokens = block(reference_tokens, context=reference.context)
-            else:
-                reference_tokens, probs = block(reference_tokens, context=reference.context, return_probs=True)
-                tokens = self._attend_reference(tokens, reference_tokens, probs, reference, height, width)
-        return (
-            self._from_tokens(tokens, height, width) + x,
-            self._from_tokens(reference_tokens, height, width) + reference_h,
-        )
+            reference_tokens, probs = block(reference_tokens, context=reference.context, return_probs=True)
+            tokens = self._attend_reference(tokens, reference_tokens, probs, reference, height, width)
+        both = self._from_tokens(torch.cat([tokens, reference_tokens]), height, width) + both
+        return both[:noisy_batch], both[noisy_batch:]
+
+    def _text_transformer(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """The plain SD layer: the transformer blocks on the tokens of ``x``, plus the residual."""
+        height, width = x.shape[-2:]
+        tokens = self._to_tokens(x)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context=context)
+        return self._from_tokens(tokens, height, width) + x
 
     def _attend_reference(
         self,

@@ -23,7 +23,13 @@ class TimestepBlock(nn.Module):
 
 
 class TimestepEmbedSequential(nn.Sequential):
-    """Runs its layers on the noisy stream and, when present, on the reference stream."""
+    """Runs its layers on the noisy stream and, when present, on the reference stream.
+
+    Layers that treat every sample on its own (ResBlocks, convolutions, resampling) run once
+    on both streams stacked along the batch: the same arithmetic as two calls, up to float
+    rounding, with half the kernel launches. Spatial transformers, where the streams meet,
+    take them separately.
+    """
 
     def forward(
         self,
@@ -37,15 +43,23 @@ class TimestepEmbedSequential(nn.Sequential):
         for layer in self:
             if isinstance(layer, SpatialTransformer):
                 x, reference_h = layer(x, context, reference_h, reference)
-            elif isinstance(layer, TimestepBlock):
-                x = layer(x, emb)
-                if reference_h is not None:
-                    reference_h = layer(reference_h, reference_emb)
+            elif reference_h is None:
+                x = layer(x, emb) if isinstance(layer, TimestepBlock) else layer(x)
             else:
-                x = layer(x)
-                if reference_h is not None:
-                    reference_h = layer(reference_h)
+                x, reference_h = run_stacked(layer, x, emb, reference_h, reference_emb)
         return x, reference_h
+
+
+def run_stacked(
+    layer: nn.Module, x: torch.Tensor, emb: torch.Tensor, reference_h: torch.Tensor, reference_emb: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call of a per-sample ``layer`` on the noisy and the reference stream stacked on the batch."""
+    stacked = torch.cat([x, reference_h])
+    if isinstance(layer, TimestepBlock):
+        stacked = layer(stacked, torch.cat([emb, reference_emb]))
+    else:
+        stacked = layer(stacked)
+    return stacked[: x.shape[0]], stacked[x.shape[0] :]
 
 
 class Upsample(nn.Module):

@@ -80,7 +80,63 @@ class _TextModelHolder(nn.Module):
         self.text_model = text_model
 
 
-class FrozenCLIPEmbedder(nn.Module):
+class FrozenTextEncoder(nn.Module):
+    """What SD's frozen text encoders share: tokenizing on the weights' device, eval mode for
+    good, and the token lookup where an :class:`EmbeddingManager` swaps in its vectors.
+
+    Subclasses set ``self.tokenizer`` and provide :attr:`token_embedding` and
+    :meth:`encode_embeddings` (the network after the token lookup).
+    """
+
+    tokenizer: CLIPTokenizer
+
+    def train(self, mode: bool = True) -> FrozenTextEncoder:
+        """Ignores ``mode`` and stays in eval mode, so a parent's ``train()`` cannot enable dropout here."""
+        return super().train(False)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        """Device holding the encoder's weights."""
+        return self.token_embedding.weight.device
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.LongTensor:
+        """Tokenizes ``texts`` to ``[B, max_length]`` ids on the module's device."""
+        return self.tokenizer(texts).to(self.device)
+
+    def encode(
+        self,
+        text: str | Sequence[str] | torch.LongTensor,
+        embedding_manager: EmbeddingManager | None = None,
+    ) -> Tensor:
+        """Encodes prompts (or already tokenized ids) to ``[B, max_length, width]``.
+
+        The token embeddings are looked up first so that ``embedding_manager`` can replace the
+        placeholder rows; :meth:`encode_embeddings` then runs the rest of the network on them.
+        """
+        tokens = text.to(self.device) if isinstance(text, Tensor) else self.tokenize(text)
+        embeddings = self.token_embedding(tokens)
+        if embedding_manager is not None:
+            embeddings = embedding_manager(tokens, embeddings)
+        return self.encode_embeddings(embeddings)
+
+    def encode_embeddings(self, embeddings: Tensor) -> Tensor:
+        """The network after the token lookup, ``[B, max_length, width]`` -> same shape."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        text: str | Sequence[str] | torch.LongTensor,
+        embedding_manager: EmbeddingManager | None = None,
+    ) -> Tensor:
+        """Same as :meth:`encode`."""
+        return self.encode(text, embedding_manager)
+
+
+class FrozenCLIPEmbedder(FrozenTextEncoder):
     """Frozen CLIP ViT-L/14 text encoder of SD v1 (last hidden state after the final layer norm).
 
     The weights are randomly initialised here and come from the SD checkpoint, whose
@@ -123,10 +179,6 @@ class FrozenCLIPEmbedder(nn.Module):
         self.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> FrozenCLIPEmbedder:
-        """Ignores ``mode`` and stays in eval mode, so a parent's ``train()`` cannot enable dropout here."""
-        return super().train(False)
-
     @property
     def text_model(self) -> CLIPTextModel:
         """The wrapped transformers ``CLIPTextModel``."""
@@ -137,31 +189,9 @@ class FrozenCLIPEmbedder(nn.Module):
         """The token embedding table, ``[vocab_size, hidden_size]``."""
         return self.text_model.embeddings.token_embedding
 
-    @property
-    def device(self) -> torch.device:
-        """Device holding the encoder's weights."""
-        return self.token_embedding.weight.device
-
-    def tokenize(self, texts: str | Sequence[str]) -> torch.LongTensor:
-        """Tokenizes ``texts`` to ``[B, max_length]`` ids on the module's device."""
-        return self.tokenizer(texts).to(self.device)
-
-    def encode(
-        self,
-        text: str | Sequence[str] | torch.LongTensor,
-        embedding_manager: EmbeddingManager | None = None,
-    ) -> Tensor:
-        """Encodes prompts (or already tokenized ids) to ``[B, max_length, hidden_size]``.
-
-        The token embeddings are looked up first so that ``embedding_manager`` can replace the
-        placeholder rows; the rest of ``CLIPTextModel.forward`` (position embeddings, causal
-        self-attention, final layer norm) then runs on those embeddings. Without a manager the
-        result equals ``CLIPTextModel(input_ids).last_hidden_state``.
-        """
-        tokens = text.to(self.device) if isinstance(text, Tensor) else self.tokenize(text)
-        embeddings = self.token_embedding(tokens)
-        if embedding_manager is not None:
-            embeddings = embedding_manager(tokens, embeddings)
+    def encode_embeddings(self, embeddings: Tensor) -> Tensor:
+        """The rest of ``CLIPTextModel.forward`` (position embeddings, causal self-attention, final
+        layer norm): with the plain token embeddings this is ``CLIPTextModel(input_ids).last_hidden_state``."""
         text_model = self.text_model
         hidden_states = text_model.embeddings(inputs_embeds=embeddings)
         causal_mask = create_causal_mask(
@@ -176,14 +206,6 @@ class FrozenCLIPEmbedder(nn.Module):
             is_causal=True,
         ).last_hidden_state
         return text_model.final_layer_norm(hidden_states)
-
-    def forward(
-        self,
-        text: str | Sequence[str] | torch.LongTensor,
-        embedding_manager: EmbeddingManager | None = None,
-    ) -> Tensor:
-        """Same as :meth:`encode`."""
-        return self.encode(text, embedding_manager)
 
 
 class _OpenCLIPResidualBlock(nn.Module):
@@ -236,7 +258,7 @@ class OpenCLIPTextModel(nn.Module):
         nn.init.normal_(self.text_projection, std=width**-0.5)
 
 
-class FrozenOpenCLIPEmbedder(nn.Module):
+class FrozenOpenCLIPEmbedder(FrozenTextEncoder):
     """Frozen OpenCLIP text encoder of Stable Diffusion 2.x (ViT-H/14, penultimate layer by default).
 
     As Stability's ``FrozenOpenCLIPEmbedder(layer="penultimate")``: token and position embeddings,
@@ -287,45 +309,17 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         self.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> FrozenOpenCLIPEmbedder:
-        """Ignores ``mode`` and stays in eval mode."""
-        return super().train(False)
-
     @property
     def token_embedding(self) -> nn.Embedding:
         """The token embedding table, ``[vocab_size, width]``."""
         return self.model.token_embedding
 
-    @property
-    def device(self) -> torch.device:
-        return self.token_embedding.weight.device
-
-    def tokenize(self, texts: str | Sequence[str]) -> torch.LongTensor:
-        """Tokenizes ``texts`` to ``[B, max_length]`` ids (0-padded) on the module's device."""
-        return self.tokenizer(texts).to(self.device)
-
-    def encode(
-        self,
-        text: str | Sequence[str] | torch.LongTensor,
-        embedding_manager: EmbeddingManager | None = None,
-    ) -> Tensor:
-        """Encodes prompts (or token ids) to ``[B, max_length, width]``; see :meth:`FrozenCLIPEmbedder.encode`."""
-        tokens = text.to(self.device) if isinstance(text, Tensor) else self.tokenize(text)
-        x = self.token_embedding(tokens)
-        if embedding_manager is not None:
-            x = embedding_manager(tokens, x)
-        x = x + self.model.positional_embedding.to(x.dtype)
+    def encode_embeddings(self, embeddings: Tensor) -> Tensor:
+        """Position embeddings, the causal transformer up to ``layer``, the final layer norm."""
+        x = embeddings + self.model.positional_embedding.to(embeddings.dtype)
         length = x.shape[1]
         causal = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
         blocks = self.model.transformer.resblocks
         for block in blocks[: len(blocks) - (1 if self.layer == "penultimate" else 0)]:
             x = block(x, causal)
         return self.model.ln_final(x)
-
-    def forward(
-        self,
-        text: str | Sequence[str] | torch.LongTensor,
-        embedding_manager: EmbeddingManager | None = None,
-    ) -> Tensor:
-        """Same as :meth:`encode`."""
-        return self.encode(text, embedding_manager)
