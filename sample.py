@@ -179,6 +179,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--save_attention", action="store_true", help="also draw the S* attention maps and masks (paper Fig. 18)"
     )
+    parser.add_argument(
+        "--compile",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="capture the UNet with torch.compile in this mode (reduce-overhead: CUDA graphs); the first "
+        "step then traces it. Unmeasured on a GPU here: docs/PERFORMANCE.md",
+    )
     return parser
 
 
@@ -624,6 +630,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         job = prepare(args)
         model = build_vico_model(job.weights, job.config, args.base_ckpt, job.device)
+        if args.compile:
+            model.compile_unet(mode=args.compile)
         plan_references(job, model)
     except (CheckpointError, ImageError, ValueError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)

@@ -23,6 +23,9 @@ from ldm.modules.vico import ReferenceCondition
 from ldm.util import CheckpointError, check_state_dict, instantiate_from_config, is_base_key, load_base_checkpoint
 
 
+COMPILE_OPTIONS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options", "disable"})
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet under the name ``diffusion_model``, as CompVis checkpoints expect."""
 
@@ -59,6 +62,10 @@ class LatentDiffusion(pl.LightningModule):
             or ``"v"`` (the velocity; SD 2.x 768), see
             :mod:`ldm.models.diffusion.parameterization`. It sets the training target; the
             samplers convert a v-model's output to noise.
+        compile_unet: ``torch.compile`` keyword arguments (``{}`` for the defaults,
+            ``{mode: reduce-overhead}`` for CUDA graphs, ...) to capture the UNet, with ViCo's
+            reference stream, as one graph; ``None`` (default) runs it eagerly. Compiled in
+            place: the state-dict keys stay CompVis's. See :meth:`compile_unet`.
     """
 
     def __init__(
@@ -79,6 +86,7 @@ class LatentDiffusion(pl.LightningModule):
         channels: int = 4,
         ckpt_path: str | None = None,
         parameterization: str = "eps",
+        compile_unet: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if parameterization not in PARAMETERIZATIONS:
@@ -103,6 +111,18 @@ class LatentDiffusion(pl.LightningModule):
         if ckpt_path:
             self.load_base_checkpoint(ckpt_path)
         self.freeze_base_model()
+        if compile_unet is not None:
+            if not isinstance(compile_unet, Mapping):
+                raise ValueError(f"compile_unet must be a mapping of torch.compile arguments or null, got {compile_unet!r}")
+            self.compile_unet(**compile_unet)
+
+    def compile_unet(self, **options: Any) -> None:
+        """Compile the UNet's forward in place with ``torch.compile(**options)``; the first call
+        traces it (seconds to minutes), later calls with the same shapes reuse the graph."""
+        unknown = sorted(set(options) - COMPILE_OPTIONS)
+        if unknown:
+            raise ValueError(f"compile_unet: unknown torch.compile argument(s) {unknown}; allowed: {sorted(COMPILE_OPTIONS)}")
+        self.model.diffusion_model.compile(**options)
 
     # ----------------------------------------------------------------- set-up
     def register_schedule(
