@@ -12,6 +12,10 @@ Rows (all on this repository's code, random weights: speed does not depend on th
                        1, 4, 8 sharing one reference; ViCo, Textual Inversion and plain SD (the
                        ViCo model without a reference: bit-exact plain SD v1).
   VAE decode, text encoding   per image.
+  compiled UNet        with ``--compile MODE``: ViCo's training and sampling rows again with the
+                       UNet under ``torch.compile`` (``compile_unet``), and the first call, which
+                       traces and compiles, as its own row. ``capture-only`` traces without
+                       generating kernels (a check of graph capture that fits a CPU).
   sample.py start-up   a fresh interpreter: importing sample.py, then building the model from an
                        adapter and a base checkpoint on the meta device (``assign=True``), and the
                        old way (random initialisation, then loading) for comparison.
@@ -54,6 +58,12 @@ from ldm.modules.vico import ReferenceCondition, otsu_mask  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = {
+    "default": {},
+    "reduce-overhead": {"mode": "reduce-overhead"},  # CUDA graphs
+    "max-autotune": {"mode": "max-autotune"},
+    "capture-only": {"backend": "aot_eager"},
+}
 MODELS = ("ViCo", "Textual Inversion", "plain SD")
 
 
@@ -401,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, nargs="+", default=[1, 4], help="training batch sizes")
     parser.add_argument("--no_startup", action="store_true", help="skip the sample.py start-up rows")
     parser.add_argument("--quick", action="store_true", help="one size of each row (n_samples 1, batch 1): a smoke test")
+    parser.add_argument("--compile", choices=sorted(COMPILE_MODES), help="also time ViCo with the UNet under torch.compile")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.params.image_size=32")
     args = parser.parse_args(argv)
     if args.quick:
@@ -452,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure("all", "text encoding, per prompt", lambda: run.encode_text(n), device, args.repeats, lambda: meta_run.encode_text(n), per=n))
             if device != meta:
                 ablations += in_repo_ablations(model, run, device, args, config)
+            if args.compile and device != meta:
+                rows += compiled_rows(model, run, meta_run, device, args)
         del model, run, meta_run
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -469,6 +482,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"header": header, "argv": sys.argv, "parameters": parameters, "rows": rows, "ablations": ablations}, indent=1))
     return 0
+
+
+def compiled_rows(model, run: Setup, meta_run: Setup, device: torch.device, args) -> list[dict]:
+    """ViCo's training and sampling steps with the UNet compiled; the first call of each as a row."""
+    model.compile_unet(**COMPILE_MODES[args.compile])
+    set_checkpointing(meta_run.model, False)
+    label = f"compiled ({args.compile})"
+    rows = []
+    steps = [
+        (f"training step, batch {b}, checkpointing off, {label}", lambda b=b: run.training_step(b),
+         lambda b=b: meta_run.training_step(b, optimizer_step=False), True)
+        for b in args.batch_size
+    ] + [
+        (f"sampling step, guided, {n} samples, {label}", lambda n=n: run.sampling_step(n, use_reference=True),
+         lambda n=n: meta_run.sampling_step(n, use_reference=True), False)
+        for n in args.n_samples
+    ]  # fmt: skip
+    for name, call, meta_call, training in steps:
+        model.train(training)
+        first = time_calls(call, device, 1, warmup=0)[0]
+        rows.append({"model": "ViCo", "name": f"{name}: first call (compiles)", "median_ms": first * 1e3, "repeats": 1})
+        rows.append(measure("ViCo", name, call, device, args.repeats, meta_call, flops_module=meta_run.model if training else None))
+    model.eval()
+    return rows
 
 
 def in_repo_ablations(model, run: Setup, device: torch.device, args, config) -> list[dict]:

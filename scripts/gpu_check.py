@@ -6,7 +6,8 @@ Catches the device, dtype and memory problems a CPU never shows, and times them:
 
 For each precision: a few training steps of configs/vico.yaml at batch 4 on the bundled
 photos (with previews and checkpoints inside training), then one guided 50-step DDIM
-sample from the run's last.ckpt; finally scripts/benchmark.py at full size. Writes
+sample from the run's last.ckpt; finally scripts/benchmark.py at full size (with the
+compiled-UNet rows, ``--compile reduce-overhead``: CUDA graphs). Writes
 ``gpu_check.json`` with step times, the steady-state step time (median without the first
 two steps and without the steps that write a preview or a checkpoint), the whole run's time
 including start-up, and peak memory. Exits with status 1 (after writing everything) when a
@@ -180,7 +181,7 @@ def main_check() -> None:
     bench = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", args.config,
          "--device", "cuda" if on_gpu else "cpu", "--precision", "bf16" if on_gpu else "fp32", "--repeats", "5",
-         "--out", str(out / "benchmark.json")],
+         "--compile", "reduce-overhead" if on_gpu else "capture-only", "--out", str(out / "benchmark.json")],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     results["benchmark_bf16"] = bench.stdout[-6000:] + bench.stderr[-1500:]

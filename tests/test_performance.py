@@ -102,13 +102,19 @@ def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--quick", "--repeats", "1", "--no_startup", "--out", str(out)]) == 0
+    assert benchmark.main(["--quick", "--repeats", "1", "--no_startup", "--compile", "capture-only", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     names = {row["name"] for row in report["rows"]}
     for expected in ("training step", "sampling step", "VAE decode", "text encoding"):
         assert any(expected in name for name in names), (expected, names)
     assert {row["model"] for row in report["rows"]} >= {"ViCo", "Textual Inversion", "plain SD"}
-    for row in report["rows"]:
+    first_calls = [row for row in report["rows"] if row["name"].endswith("first call (compiles)")]
+    assert len(first_calls) == 2 and all(row["median_ms"] > 0 for row in first_calls)
+    rows = {(row["model"], row["name"]): row for row in report["rows"] if row not in first_calls}
+    assert ("ViCo", "sampling step, guided, 1 samples, compiled (capture-only)") in rows
+    compiled_training = rows["ViCo", "training step, batch 1, checkpointing off, compiled (capture-only)"]
+    assert compiled_training["tflop"] == rows["ViCo", "training step, batch 1, checkpointing off"]["tflop"]
+    for row in rows.values():
         assert row["median_ms"] > 0 and row["tflop"] > 0 and row["aten_ops"] > 0, row
     assert len(report["ablations"]) == 3
     assert "| ViCo | training step, batch 1, checkpointing off |" in capsys.readouterr().out
