@@ -188,19 +188,26 @@ def named_accuracy(base: Path, classifier: WorldClassifier, n_samples: int = 3) 
 @needs_pretrained
 def test_base_model_draws_what_a_prompt_names(random_world):
     classifier = load_classifier(SHIPPED_CLASSIFIER)
-    # Measured: shipped base 0.42 (colours and most scenes right, shapes mostly not: see
-    # models/miniworld/README.md), a random network 0.06, chance about 0.12.
+    # Measured: shipped base 0.42 (colours and most scenes right, of the shapes mostly circles
+    # and rings: see models/miniworld/README.md), a random network 0.06, chance about 0.12.
     assert named_accuracy(SHIPPED_BASE, classifier) > 0.3
     assert named_accuracy(random_world / "base.safetensors", classifier) < 0.15  # a random network fails
 
 
+# The claims' concept: moss_square, not the demo's sunset_ring, whose init word "ring" alone
+# already gives the shipped base its shape (docs/EVALUATION.md: base feature similarity 0.445,
+# ViCo 0.436), so a run on it has little to show; on the other four concepts ViCo raises the
+# feature similarity by 0.06 to 0.23 over the base model.
+CLAIM_SPEC = SPEC.with_name("moss_square.yaml")
+
+
 @pytest.fixture(scope="module")
 def pretrained_run(tmp_path_factory) -> dict[str, dict]:
-    """ViCo trained briefly on the concept from the shipped base, and the base model's row."""
+    """ViCo trained with the recipe's 400 steps on a concept from the shipped base, and the base model's row."""
     outdir = tmp_path_factory.mktemp("pretrained") / "out"
     rows = evaluate([
-        "--outdir", str(outdir), "--concepts", str(SPEC), "--methods", "base,vico", "--scenes", "beach,snow,grass",
-        "--train_steps", "150", "--ddim_steps", "25", "--n_samples", "4", "--device", "cpu",
+        "--outdir", str(outdir), "--concepts", str(CLAIM_SPEC), "--methods", "base,vico", "--scenes", "beach,snow,grass",
+        "--train_steps", "400", "--ddim_steps", "25", "--n_samples", "4", "--device", "cpu",
     ])  # fmt: skip
     return {row["method"]: row for row in rows}
 
@@ -214,8 +221,10 @@ def object_accuracy(row: dict) -> float:
 @pytest.mark.slow
 def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_run):
     vico, base = pretrained_run["vico"], pretrained_run["base"]
-    # Measured: ViCo 0.21 after 150 steps, the base model with the init word 0.11.
-    assert object_accuracy(vico) > object_accuracy(base) + 0.05, (vico, base)
+    # Measured (12 samples each): feature similarity to the photos 0.51 against 0.23 for the
+    # base model with the init word; attribute accuracy 0.24 against 0.17.
+    assert vico["feature_similarity"] > base["feature_similarity"] + 0.1, (vico, base)
+    assert object_accuracy(vico) > object_accuracy(base), (vico, base)
     assert vico["object_fidelity"] >= base["object_fidelity"]
 
 
@@ -224,6 +233,6 @@ def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_r
 def test_mask_iou_of_a_trained_concept_beats_a_random_network(pretrained_run, first_run):
     trained = pretrained_run["vico"]["mask_iou"]
     random_network = next(row for row in first_run[1] if row["method"] == "vico")["mask_iou"]
-    # Measured: 0.26 after 150 steps (0.33 after 400; a mask of every patch scores 0.2 on
-    # average over the layers), a random network 0.14.
+    # Measured: 0.25 after 400 steps (a mask of every patch scores 0.17 on average over
+    # the layers), a random network 0.14 (on sunset_ring).
     assert trained > 0.2 > random_network, (trained, random_network)
