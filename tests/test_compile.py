@@ -86,6 +86,10 @@ def test_compile_unet_from_the_config_and_bad_values():
     config.model.params.compile_unet = {"mod": "reduce-overhead"}
     with pytest.raises(ValueError, match=r"unknown torch.compile argument\(s\) \['mod'\]"):
         instantiate_from_config(config.model)
+    # inductor options can name a compiler executable: not from a config
+    config.model.params.compile_unet = {"options": {"cpp.cxx": ["/tmp/not-a-compiler"]}}
+    with pytest.raises(ValueError, match=r"unknown torch.compile argument\(s\) \['options'\]"):
+        instantiate_from_config(config.model)
 
 
 def test_sample_py_compiles_with_the_mode_asked(files, tmp_path, monkeypatch):

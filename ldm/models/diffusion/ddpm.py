@@ -23,7 +23,9 @@ from ldm.modules.vico import ReferenceCondition
 from ldm.util import CheckpointError, check_state_dict, instantiate_from_config, is_base_key, load_base_checkpoint
 
 
-COMPILE_OPTIONS = frozenset({"fullgraph", "dynamic", "backend", "mode", "options", "disable"})
+#: torch.compile arguments ``compile_unet`` accepts. Not ``options``: inductor's options name
+#: executables (``cpp.cxx``), and a config stored in a shared weight file must not run code.
+COMPILE_OPTIONS = frozenset({"fullgraph", "dynamic", "backend", "mode", "disable"})
 
 
 class DiffusionWrapper(nn.Module):

@@ -27,8 +27,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
     Layers that treat every sample on its own (ResBlocks, convolutions, resampling) run once
     on both streams stacked along the batch: the same arithmetic as two calls, up to float
-    rounding, with half the kernel launches. Spatial transformers, where the streams meet,
-    take them separately.
+    rounding, with half the kernel launches. Spatial transformers, where the streams meet in
+    image attention, get both and stack what they can themselves.
     """
 
     def forward(
