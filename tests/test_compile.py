@@ -23,6 +23,7 @@ CAPTURE_ONLY = {"backend": "aot_eager"}
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     yield
     torch._dynamo.reset()
 
@@ -50,9 +51,14 @@ def loss_and_gradients(model) -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 def test_compiled_training_loss_and_gradients_equal_eager():
+    from torch._dynamo.utils import counters
+
     eager, compiled = pair()
     loss, gradients = loss_and_gradients(eager)
     compiled_loss, compiled_gradients = loss_and_gradients(compiled)
+    # the whole UNet with the reference stream (Otsu mask, regulariser terms) is one graph
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-7)
     assert len(compiled_gradients) == len(gradients) > 0
     for got, want in zip(compiled_gradients, gradients):
