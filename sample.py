@@ -563,7 +563,8 @@ def warn_non_finite(decoded: torch.Tensor) -> None:
 
 
 def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None:
-    """Sample every prompt ``n_iter`` times and write the PNGs, grids and attention pictures."""
+    """Sample every prompt ``n_iter`` times (with the references of ``job.plans``, set by
+    :func:`plan_references`) and write the PNGs, grids and attention pictures."""
     sampler = make_sampler(job.sampler, model, args.spacing)
     eta = sampler.default_eta if args.ddim_eta is None else args.ddim_eta
     outdir = Path(args.outdir)
@@ -578,8 +579,6 @@ def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None
     record_steps = attention_steps(len(schedule)) if args.save_attention else []
     progress = tqdm(total=len(job.prompts) * args.n_iter, desc="Sampling", unit="batch")
     with progress, torch.no_grad(), precision_context(args.precision, job.device):
-        if job.plans is None:
-            plan_references(job, model)
         slugs = unique_slugs([p.text for p in job.prompts])
         for prompt, slug, (used, placeholders) in zip(job.prompts, slugs, job.plans):
             prompt_references = job.references[used]

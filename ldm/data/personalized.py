@@ -140,9 +140,7 @@ class PersonalizedBase(Dataset):
         self.size = size
         self.repeats = repeats
         self.flip_p = flip_p
-        self.data_roots = roots
         self.placeholder_tokens = placeholders
-        self.placeholder_token = placeholder_token
         self.seed = seed
 
     @property

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ldm import CONFIG_DIR
 from ldm.models.diffusion.ddpm import LatentDiffusion

@@ -26,7 +26,6 @@ from tqdm import tqdm
 
 from ldm.data.images import load_image
 from ldm.models.diffusion.parameterization import to_eps
-
 from ldm.modules.vico import AttentionRecord, ReferenceCondition
 
 logger = logging.getLogger(__name__)
