@@ -68,7 +68,7 @@ from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from ldm.data.images import ImageError, to_tensor
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.latent import LatentDiffusionModel
 from ldm.models.diffusion.ksamplers import SPACINGS
 from ldm.models.diffusion.samplers import DDIM_GRID_SAMPLERS, SAMPLERS, make_sampler
 from ldm.models.diffusion.sampling import (
@@ -286,7 +286,7 @@ def parse_references(entries: Sequence[str], placeholders: Sequence[str]) -> tup
     return paths, keys
 
 
-def plan_references(job: Job, model: LatentDiffusion) -> None:
+def plan_references(job: Job, model: LatentDiffusionModel) -> None:
     """Choose each prompt's references (:func:`references_for_prompt`) before sampling anything."""
     keys = job.reference_placeholders or [None] * len(job.references)
     job.plans = []
@@ -562,7 +562,7 @@ def warn_non_finite(decoded: torch.Tensor) -> None:
         logger.warning("warning: samples %s hold NaN values (saved black); the weights or settings are broken", bad)
 
 
-def generate(args: argparse.Namespace, job: Job, model: LatentDiffusion) -> None:
+def generate(args: argparse.Namespace, job: Job, model: LatentDiffusionModel) -> None:
     """Sample every prompt ``n_iter`` times (with the references of ``job.plans``, set by
     :func:`plan_references`) and write the PNGs, grids and attention pictures."""
     sampler = make_sampler(job.sampler, model, args.spacing)

@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from ldm.data.images import to_tensor
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.latent import LatentDiffusionModel
 from ldm.models.diffusion.samplers import make_sampler
 from ldm.models.diffusion.sampling import REFERENCE_LATENTS, load_reference_images, references_for_prompt, sample_seeded
 from ldm.models.export import export_trained
@@ -43,7 +43,7 @@ __all__ = ["ViCo", "export", "load", "sample"]
 class ViCo:
     """A trained ViCo model, ready to sample, with the config it was built from."""
 
-    model: LatentDiffusion
+    model: LatentDiffusionModel
     config: DictConfig
     source: str
 

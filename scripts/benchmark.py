@@ -53,10 +53,12 @@ sys.path.insert(0, str(ROOT))
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from ldm.models.diffusion.sampling import GuidedDenoiser, SamplingReference  # noqa: E402
 from ldm.modules.precision import cache_autocast_weights  # noqa: E402
 from ldm.modules.vico import ReferenceCondition, otsu_mask  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
+GUIDANCE_SCALE = 7.5
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMPILE_MODES = {
     "default": {},
@@ -211,35 +213,26 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def tokens_for(model, prompts: list[str], device: torch.device) -> torch.Tensor:
-    return model.cond_stage_model.tokenize(prompts).to(device)
+    return model.cond_stage_model.tokenizer(prompts).to(device)
 
 
-def guided_condition(model, reference_latent, branch_context, tokens, t, per_sample: int = 1) -> ReferenceCondition:
-    """The reference condition of a guided step as GuidedDenoiser builds it: one reference row
-    per branch (``per_sample > 1``: one per sample and branch, the in-repo ablation)."""
-    placeholder, eot, _ = model.embedding_manager.placeholder_positions(tokens[:1])
-    rows = branch_context.repeat_interleave(per_sample, 0)
-    k = rows.shape[0]
-    return ReferenceCondition(
-        latent=reference_latent.expand(k, -1, -1, -1),
-        context=rows,
-        placeholder_index=placeholder.repeat(k),
-        eot_index=eot.repeat(k),
-        timesteps=t[:1].expand(k),
-    )
-
-
-def guided_step(model, x, t, branch_context, reference_latent, tokens, use_reference: bool, per_sample_reference=False):
-    """One classifier-free-guided step of n samples: UNet on [2n] rows, then the guidance mix."""
+def per_sample_guided_step(model, x, t, branch_context, reference_latent, tokens):
+    """The ablation of the shared reference stream: a classifier-free-guided step whose
+    reference stream runs once per sample and branch (``2n`` reference rows, as the authors'
+    sampler does), where :class:`GuidedDenoiser` runs it once per branch."""
     n = x.shape[0]
-    x_in = torch.cat([x, x])
-    context = branch_context.repeat_interleave(n, 0)
-    reference = None
-    if use_reference:
-        reference = guided_condition(model, reference_latent, branch_context, tokens, t, n if per_sample_reference else 1)
-    output = model.apply_model(x_in, t.expand(2 * n), context, reference)
+    rows = 2 * n
+    placeholder, eot, _ = model.embedding_manager.placeholder_positions(tokens[:1])
+    reference = ReferenceCondition(
+        latent=reference_latent.expand(rows, -1, -1, -1),
+        context=branch_context.repeat_interleave(n, 0),
+        placeholder_index=placeholder.repeat(rows),
+        eot_index=eot.repeat(rows),
+        timesteps=t.expand(rows),
+    )
+    output = model.apply_model(torch.cat([x, x]), t.expand(rows), branch_context.repeat_interleave(n, 0), reference)
     uncond, cond = output.chunk(2)
-    return uncond + 7.5 * (cond - uncond)
+    return uncond + GUIDANCE_SCALE * (cond - uncond)
 
 
 # -------------------------------------------------------------------- steps
@@ -252,6 +245,7 @@ class Setup:
         self.latent_shape = (4, latent, latent)
         g = torch.Generator().manual_seed(0)
         self.prompt_tokens = tokens_for(model, ["a photo of *"], device)
+        self.prompt_token_ids = tokens_for(model, ["a photo of *"], torch.device("cpu"))[0]  # as sample.py hands them over
         self.uncond_tokens = tokens_for(model, [""], device)
         self.reference = torch.randn(1, *self.latent_shape, generator=g).to(device)
         self.x8 = torch.randn(8, *self.latent_shape, generator=g).to(device)
@@ -265,9 +259,15 @@ class Setup:
         return torch.cat([self.model.get_learned_conditioning(self.uncond_tokens), self.model.get_learned_conditioning(self.prompt_tokens)])
 
     def sampling_step(self, n: int, use_reference: bool, per_sample_reference: bool = False):
+        """One classifier-free-guided step of ``n`` samples as the samplers take it (the
+        denoiser is built per step here, so its set-up is timed too)."""
         with torch.no_grad(), self.autocast:
             context = self.branch_context()
-            return guided_step(self.model, self.x8[:n], self.t[:1], context, self.reference, self.prompt_tokens, use_reference, per_sample_reference)
+            x, t = self.x8[:n], self.t[0]
+            if per_sample_reference:
+                return per_sample_guided_step(self.model, x, t, context, self.reference, self.prompt_tokens)
+            reference = SamplingReference(self.reference, self.prompt_token_ids) if use_reference else None
+            return GuidedDenoiser(self.model, context[1:], n, GUIDANCE_SCALE, context[:1], reference)(x, t)
 
     def training_step(self, b: int, latents: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None, optimizer_step: bool = True):
         model = self.model
@@ -308,13 +308,23 @@ def otsu_loop(maps: torch.Tensor, n: int = 10) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ start-up
-STARTUP_SCRIPT = r"""
+IMPORT_SCRIPT = r"""
 import json, sys, time
 start = time.perf_counter()
 sys.path.insert(0, {root!r})
-import sample  # noqa: F401  (what `python sample.py` imports before it does anything)
-imported = time.perf_counter()
-lightning = "pytorch_lightning" in sys.modules
+{before}import sample  # noqa: F401  (what `python sample.py` imports before it does anything)
+print(json.dumps({{"import_s": time.perf_counter() - start, "lightning_imported": "pytorch_lightning" in sys.modules}}))
+"""
+#: The import of sample.py, and the same with what it imported before the model left Lightning
+#: (ldm.models.diffusion.latent) and the tokenizer left the open_clip package, each in a fresh interpreter.
+IMPORT_WAYS = (
+    ("sample.py start-up: import", ""),
+    ("sample.py start-up: import (old: with pytorch_lightning and open_clip)", "import pytorch_lightning, open_clip; "),
+)
+
+STARTUP_SCRIPT = r"""
+import json, sys, time
+sys.path.insert(0, {root!r})
 import torch
 from ldm.models.loading import build_vico_model, read_vico_weights, resolve_config, base_checkpoint_path
 from ldm.util import instantiate_from_config, read_state_dict
@@ -341,8 +351,7 @@ for _ in range(2):  # interleaved; the faster of two
         t0 = time.perf_counter(); way()
         if device.startswith("cuda"): torch.cuda.synchronize()
         times[name].append(time.perf_counter() - t0)
-print(json.dumps({{"import_s": imported - start, "lightning_imported": lightning,
-                  "load_meta_s": min(times["meta"]), "load_random_init_s": min(times["old"])}}))
+print(json.dumps({{"load_meta_s": min(times["meta"]), "load_random_init_s": min(times["old"])}}))
 """
 
 
@@ -357,19 +366,38 @@ def startup_rows(config, device: torch.device, workdir: Path) -> list[dict]:
     save_adapter(model, stored, workdir / "adapter.safetensors")
     del model
     script = STARTUP_SCRIPT.format(root=str(ROOT), device=str(device), adapter=str(workdir / "adapter.safetensors"))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
-    if result.returncode:
-        raise RuntimeError(f"start-up measurement failed:\n{result.stderr[-3000:]}")
-    found = json.loads(result.stdout.strip().splitlines()[-1])
-    rows = []
+    found = run_python(script)
+    rows = import_rows(repeats=3)
     for key, name in (
-        ("import_s", "sample.py start-up: import"),
         ("load_meta_s", "sample.py start-up: model load (meta, assign)"),
         ("load_random_init_s", "sample.py start-up: model load (old: random init)"),
     ):
-        rows.append({"model": "ViCo", "name": name, "median_ms": found[key] * 1e3, "repeats": 1,
-                     "note": f"pytorch_lightning imported: {found['lightning_imported']}" if key == "import_s" else ""})  # fmt: skip
+        rows.append({"model": "ViCo", "name": name, "median_ms": found[key] * 1e3, "repeats": 1, "note": ""})
     return rows
+
+
+def run_python(script: str) -> dict:
+    """Run ``script`` in a fresh interpreter; its last stdout line, as JSON."""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    if result.returncode:
+        raise RuntimeError(f"start-up measurement failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def import_rows(repeats: int) -> list[dict]:
+    """The :data:`IMPORT_WAYS`, interleaved ``repeats`` times (fresh interpreters), medians."""
+    times: dict[str, list[float]] = {name: [] for name, _ in IMPORT_WAYS}
+    lightning: dict[str, bool] = {}  # whether sample.py's import pulled Lightning in
+    for _ in range(repeats):
+        for name, before in IMPORT_WAYS:
+            found = run_python(IMPORT_SCRIPT.format(root=str(ROOT), before=before))
+            times[name].append(found["import_s"])
+            lightning[name] = found["lightning_imported"]
+    return [
+        {"model": "ViCo", "name": name, "median_ms": statistics.median(times[name]) * 1e3, "repeats": repeats,
+         "note": f"pytorch_lightning imported: {lightning[name]}"}
+        for name, _ in IMPORT_WAYS
+    ]  # fmt: skip
 
 
 # --------------------------------------------------------------------- table

@@ -12,7 +12,7 @@ import torch
 
 import sample
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.latent import LatentDiffusionModel
 from ldm.models.diffusion.sampling import sample_prompt
 from ldm.util import instantiate_from_config
 from tests.test_sampling import LATENT, PROMPT, build_tiny, cli, files, read_png, references, tiny, tiny_config  # noqa: F401 (fixtures)
@@ -102,13 +102,13 @@ def test_sample_py_compiles_with_the_mode_asked(files, tmp_path, monkeypatch):
     """``--compile MODE`` reaches torch.compile (run here with the capture-only backend) and the
     samples equal the eager run's."""
     modes = []
-    original = LatentDiffusion.compile_unet
+    original = LatentDiffusionModel.compile_unet
 
     def capture_only(model, **options):
         modes.append(options.pop("mode"))
         original(model, **options, **CAPTURE_ONLY)
 
-    monkeypatch.setattr(LatentDiffusion, "compile_unet", capture_only)
+    monkeypatch.setattr(LatentDiffusionModel, "compile_unet", capture_only)
     assert sample.main(cli(files, tmp_path / "eager")) == 0
     assert sample.main(cli(files, tmp_path / "compiled", "--compile", "reduce-overhead")) == 0
     assert modes == ["reduce-overhead"]

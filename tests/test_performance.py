@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 import main
+from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.latent import LatentDiffusionModel
 from ldm.modules.precision import cache_autocast_weights, release_autocast_weights
 from ldm.util import instantiate_from_config
 
@@ -120,6 +124,19 @@ def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
     assert "| ViCo | training step, batch 1, checkpointing off |" in capsys.readouterr().out
 
 
+def test_sampling_imports_no_lightning_and_no_open_clip_package():
+    """sample.py, the Python API and the exporter start without Lightning and, for SD v1, without
+    the open_clip package (its image models): seconds of imports that sampling never uses."""
+    code = (
+        "import sys, sample, ldm.api, ldm.models.export; from ldm.modules.encoders.modules import CLIPTokenizer; "
+        "assert CLIPTokenizer()(['a photo of *']).shape == (1, 77); "
+        "print(sorted(m for m in sys.modules if 'lightning' in m or m.startswith('open_clip')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_meta_built_model_equals_the_randomly_initialised_one(tmp_path):
     """build_vico_model (parameters on meta, loaded with assign=True) gives the weights, buffers
     and outputs of the model built as before (random initialisation, then loading)."""
@@ -142,6 +159,8 @@ def test_meta_built_model_equals_the_randomly_initialised_one(tmp_path):
     before.load_trained_state_dict(weights.state_dict, "adapter")
     before.eval()
 
+    # Sampling builds the plain model; the config's training class (Lightning) holds the same keys.
+    assert type(loaded) is LatentDiffusionModel and type(before) is LatentDiffusion
     expected, got = before.state_dict(), loaded.state_dict()
     assert expected.keys() == got.keys()
     for key in expected:

@@ -35,8 +35,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from ldm.models.diffusion.ddpm import LatentDiffusion
-from ldm.models.loading import ViCoWeights, save_adapter
+from ldm.models.diffusion.latent import LatentDiffusionModel
+from ldm.models.loading import ViCoWeights, sampling_model_config, save_adapter
 from ldm.util import instantiate_from_config, write_atomically
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ ConfigLike = DictConfig | Mapping[str, Any]
 
 
 def export_trained(
-    model: LatentDiffusion,
+    model: LatentDiffusionModel,
     config: ConfigLike,
     folder: PathLike,
     step: int,
@@ -86,7 +86,7 @@ def export_trained(
     return written
 
 
-def _write_authors_pair(model: LatentDiffusion, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_authors_pair(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
     image_attention = {
         key.removeprefix("model."): value.detach().cpu().contiguous().clone()
         for key, value in model.trained_state_dict().items()
@@ -99,7 +99,7 @@ def _write_authors_pair(model: LatentDiffusion, config: ConfigLike, folder: Path
     return [cross_attention, embeddings]
 
 
-def _write_textual_inversion(model: LatentDiffusion, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_textual_inversion(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
     placeholder, token_id, vectors = _placeholder_vectors(model)
     base = OmegaConf.select(_as_config(config), "model.params.ckpt_path")
     content = {
@@ -115,7 +115,7 @@ def _write_textual_inversion(model: LatentDiffusion, config: ConfigLike, folder:
     return [path]
 
 
-def _write_diffusers(model: LatentDiffusion, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_diffusers(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
     placeholder, _, vectors = _placeholder_vectors(model)
     path = folder / f"learned_embeds-steps-{step}.safetensors"
     tensors = {placeholder: vectors}
@@ -123,13 +123,13 @@ def _write_diffusers(model: LatentDiffusion, config: ConfigLike, folder: Path, s
     return [path]
 
 
-def _write_adapter(model: LatentDiffusion, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_adapter(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
     path = folder / f"adapter-{step}.safetensors"
     save_adapter(model, config, path)
     return [path]
 
 
-_WRITERS: dict[str, Callable[[LatentDiffusion, ConfigLike, Path, int], list[Path]]] = {
+_WRITERS: dict[str, Callable[[LatentDiffusionModel, ConfigLike, Path, int], list[Path]]] = {
     "authors": _write_authors_pair,
     "textual_inversion": _write_textual_inversion,
     "diffusers": _write_diffusers,
@@ -137,7 +137,7 @@ _WRITERS: dict[str, Callable[[LatentDiffusion, ConfigLike, Path, int], list[Path
 }
 
 
-def _placeholder_vectors(model: LatentDiffusion) -> tuple[str, int, torch.Tensor]:
+def _placeholder_vectors(model: LatentDiffusionModel) -> tuple[str, int, torch.Tensor]:
     """S* (the first placeholder): its string, CLIP token id and ``[n, D]`` float32 vectors."""
     manager = model.embedding_manager
     placeholder, *others = manager.string_to_token_dict
@@ -151,19 +151,17 @@ def _as_config(config: ConfigLike) -> DictConfig:
     return config if isinstance(config, DictConfig) else OmegaConf.create(dict(config))
 
 
-def build_trained_only(weights: ViCoWeights, config: DictConfig) -> LatentDiffusion:
+def build_trained_only(weights: ViCoWeights, config: DictConfig) -> LatentDiffusionModel:
     """The model of ``config`` holding ``weights`` and nothing else: enough to export it.
 
     The frozen Stable Diffusion weights are not read (no base checkpoint is needed): the model
     is built on the ``meta`` device and given uninitialised CPU storage, into which only the
     trained tensors are loaded.
     """
-    model_config = OmegaConf.to_container(config.model, resolve=True)
-    model_config.setdefault("params", {}).pop("ckpt_path", None)
     with torch.device("meta"):
-        model = instantiate_from_config(model_config)
-    if not isinstance(model, LatentDiffusion):
-        raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusion")
+        model = instantiate_from_config(sampling_model_config(config))
+    if not isinstance(model, LatentDiffusionModel):
+        raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusionModel")
     model.to_empty(device="cpu")
     model.load_trained_state_dict(weights.state_dict, weights.source)
     return model.eval()

@@ -3,7 +3,7 @@
 Three formats hold what ViCo learns (S* and the image-attention blocks):
 
 * a **training checkpoint** ``.ckpt`` written by main.py: ``state_dict`` holds only the keys
-  of :meth:`LatentDiffusion.trained_state_dict` and ``config`` the whole run config (a plain
+  of :meth:`LatentDiffusionModel.trained_state_dict` and ``config`` the whole run config (a plain
   nested dict) whose ``model.params.ckpt_path`` names the base SD checkpoint;
 * an **adapter export** ``.safetensors`` (:func:`save_adapter`): the same tensors, with the
   run config as YAML in the metadata (``format: vico-adapter``);
@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm import CONFIG_DIR
-from ldm.models.diffusion.ddpm import LatentDiffusion
+from ldm.models.diffusion.latent import SAMPLING_CLASSES, LatentDiffusionModel
 from ldm.modules.embedding_manager import load_authors_embeddings
 from ldm.util import (
     CheckpointError,
@@ -271,17 +271,27 @@ def base_checkpoint_path(
 
 
 # ------------------------------------------------------------------ building
-def build_vico_model(
-    weights: ViCoWeights, config: DictConfig, base_ckpt: PathLike | None = None, device: str | torch.device = "cpu"
-) -> LatentDiffusion:
-    """Instantiate the model of ``config`` on ``device``, then load the base and the trained weights."""
-    base = base_checkpoint_path(config, base_ckpt, weights.source, weights.folder)
+def sampling_model_config(config: DictConfig) -> dict[str, Any]:
+    """The ``model`` section of a run config, to build for sampling or exporting: without the
+    base checkpoint (the caller loads it, or none) and with the Lightning training class
+    replaced by the plain model (:data:`SAMPLING_CLASSES`), so that nothing imports Lightning."""
     model_config = OmegaConf.to_container(config.model, resolve=True)
     model_config.setdefault("params", {}).pop("ckpt_path", None)
+    target = model_config.get("target")
+    model_config["target"] = SAMPLING_CLASSES.get(target, target)
+    return model_config
+
+
+def build_vico_model(
+    weights: ViCoWeights, config: DictConfig, base_ckpt: PathLike | None = None, device: str | torch.device = "cpu"
+) -> LatentDiffusionModel:
+    """Instantiate the model of ``config`` on ``device``, then load the base and the trained weights."""
+    base = base_checkpoint_path(config, base_ckpt, weights.source, weights.folder)
+    model_config = sampling_model_config(config)
     with parameters_on_meta():  # no random initialisation of weights the files then replace
         model = instantiate_from_config(model_config)
-    if not isinstance(model, LatentDiffusion):
-        raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusion")
+    if not isinstance(model, LatentDiffusionModel):
+        raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusionModel")
     model.load_base_checkpoint(str(base), assign=True)
     model.load_trained_state_dict(weights.state_dict, weights.source, assign=True)
     _fill_initial_embeddings(model)
@@ -311,7 +321,7 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register
 
 
-def _fill_initial_embeddings(model: LatentDiffusion) -> None:
+def _fill_initial_embeddings(model: LatentDiffusionModel) -> None:
     """``initial_embeddings`` (the starting value of S*, used by nothing at sampling time) is in
     no file: it takes the loaded S*."""
     manager = model.embedding_manager
@@ -327,7 +337,7 @@ def load_vico_model(
     config: PathLike | None = None,
     base_ckpt: PathLike | None = None,
     device: str | torch.device = "cpu",
-) -> tuple[LatentDiffusion, DictConfig]:
+) -> tuple[LatentDiffusionModel, DictConfig]:
     """A ready (eval-mode) ViCo model from any of the three formats, and the config it used.
 
     Args:
@@ -366,7 +376,7 @@ def portable_config(config: DictConfig | Mapping[str, Any]) -> DictConfig:
     return OmegaConf.create(strip(container))
 
 
-def save_adapter(model: LatentDiffusion, config: DictConfig | Mapping[str, Any], path: PathLike) -> None:
+def save_adapter(model: LatentDiffusionModel, config: DictConfig | Mapping[str, Any], path: PathLike) -> None:
     """Write the adapter export (trained tensors + the run config as YAML) for sharing.
 
     The config is made portable (:func:`portable_config`: no absolute paths); the file is

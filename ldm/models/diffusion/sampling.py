@@ -402,7 +402,7 @@ class GuidedDenoiser:
     def _prepare_reference(self, reference: SamplingReference, branch_rows: list[Tensor]) -> None:
         k = reference.num_references
         device = self.context.device
-        tokens = reference.tokens.to(device).view(1, -1)
+        tokens = reference.tokens.view(1, -1)  # located where they are (the host, from the tokenizer): no device read
         placeholders = list(reference.placeholders) if reference.placeholders is not None else [None] * k
         manager = self.model.embedding_manager
         positions = {name: manager.placeholder_positions(tokens, name) for name in dict.fromkeys(placeholders)}
@@ -415,8 +415,8 @@ class GuidedDenoiser:
                     else f"the prompt does not name '{name}': its reference's mask falls back to the end-of-text map"
                 )
         # each reference row is masked by its own placeholder's map (one concept: all the same)
-        placeholder_index = torch.cat([positions[name][0] for name in placeholders])
-        eot_index = positions[placeholders[0]][1]
+        placeholder_index = torch.cat([positions[name][0] for name in placeholders]).to(device)
+        eot_index = positions[placeholders[0]][1].to(device)
         rows = k * len(branch_rows)
         self.references_per_group = k
         self.reference_latent = reference.latents.to(device).repeat(len(branch_rows), 1, 1, 1)

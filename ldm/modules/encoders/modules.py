@@ -4,14 +4,13 @@ Diffusion v1 and the frozen OpenCLIP ViT-H/14 text encoder of Stable Diffusion 2
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import open_clip
-from open_clip.tokenizer import SimpleTokenizer
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel
 from transformers.masking_utils import create_causal_mask
@@ -21,9 +20,19 @@ if TYPE_CHECKING:
 
 
 @functools.cache
-def _bundled_bpe() -> SimpleTokenizer:
-    """Builds open_clip's BPE tokenizer once per process (its vocabulary ships inside the pip package)."""
-    return SimpleTokenizer()
+def _bundled_bpe():
+    """open_clip's BPE tokenizer (``open_clip.tokenizer.SimpleTokenizer``; its vocabulary ships
+    inside the pip package), built once per process.
+
+    Its module is loaded on its own (it imports nothing from its package, open-clip-torch 3.3):
+    ``import open_clip`` would run the package's ``__init__``, which imports its image models,
+    seconds of start-up for every sample.py run, even of SD v1, which never uses them.
+    """
+    location = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("_ldm_open_clip_tokenizer", f"{location}/tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer()
 
 
 class CLIPTokenizer:
@@ -291,6 +300,8 @@ class FrozenOpenCLIPEmbedder(FrozenTextEncoder):
         super().__init__()
         if layer not in self.LAYERS:
             raise ValueError(f"layer must be one of {self.LAYERS}, got '{layer}'")
+        import open_clip  # its model configs; imported only for SD 2.x (see _bundled_bpe)
+
         config = open_clip.get_model_config(arch)
         if config is None:
             raise ValueError(f"open_clip has no bundled model config named '{arch}'")
