@@ -18,6 +18,7 @@ Predictable mistakes print one ``error: ...`` line on stderr and exit with statu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -85,13 +86,31 @@ def scene_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
-def pretraining_scenes(count: int, seed: int, cache_dir: Path) -> tuple[np.ndarray, list[str]]:
+def world_sampler(world: DictConfig) -> WorldSampler:
+    """The pretraining world of the recipe's ``world`` section: how often the main object is a
+    composite, and the concepts (every spec in ``reserved_concepts``) whose look it never draws."""
+    probability = float(world.get("composite_probability", 0.0))
+    folder = world.get("reserved_concepts")
+    reserved = ()
+    if folder:
+        specs = sorted(Path(ROOT / folder).glob("*.yaml"))
+        if not specs:
+            raise UsageError(f"world.reserved_concepts: no concept specs (*.yaml) in {folder}")
+        reserved = tuple(ConceptSpec.load(path).object for path in specs)
+    return WorldSampler(composite_probability=probability, reserved=reserved)
+
+
+def pretraining_scenes(count: int, seed: int, cache_dir: Path, sampler: WorldSampler) -> tuple[np.ndarray, list[str]]:
     """The rendered pretraining pictures and captions, from the cache when present."""
-    cache = cache_dir / f"scenes-{count}-seed{seed}.npz"
+    name = f"scenes-{count}-seed{seed}"
+    if sampler.composite_probability:
+        looks = ";".join(sorted(f"{o.shape}:{','.join(sorted(p.colour for p in o.halves))}" for o in sampler.reserved))
+        digest = hashlib.sha256(looks.encode()).hexdigest()[:8]
+        name += f"-composite{sampler.composite_probability:g}-reserved{digest}"
+    cache = cache_dir / f"{name}.npz"
     if cache.is_file():
         data = np.load(cache)
         return data["images"], [str(c) for c in data["captions"]]
-    sampler = WorldSampler()
     images = np.empty((count, 64, 64, 3), dtype=np.uint8)
     captions = []
     for index in tqdm(range(count), desc="rendering scenes", unit="scene"):
@@ -266,7 +285,7 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
     record_path = cache / "pretraining.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() and stage == "ldm" else {}
     started = time.time()
-    images, captions = pretraining_scenes(int(recipe.scenes), int(recipe.seed), cache)
+    images, captions = pretraining_scenes(int(recipe.scenes), int(recipe.seed), cache, world_sampler(recipe.world))
     record["render_seconds"] = round(time.time() - started, 1)
     if stage in ("all", "vae"):
         started = time.time()

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
 from ldm.data.images import to_tensor
-from ldm.data.miniworld import Part, Pose, Scene, WorldObject, render
+from ldm.data.miniworld import Part, Pose, Scene, WorldObject, random_world_object, render
 from ldm.evaluation.miniworld import (
     HEADS,
     WorldClassifier,
@@ -32,7 +32,6 @@ from ldm.evaluation.miniworld_training import (
     head_accuracy,
     load_autoencoder,
     mirror,
-    random_world_object,
     render_split,
     train_classifier,
     write_classifier,

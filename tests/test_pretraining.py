@@ -125,6 +125,10 @@ def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
         "diffusion.steps=2", "diffusion.batch_size=8",
     ]  # fmt: skip
     assert miniworld.main(["pretrain", *overrides]) == 0
+    # The recipe's world draws composites, none with a reserved concept's look; the cache says which world.
+    (scenes,) = (tmp_path / "cache").glob("scenes-32-seed0-composite0.4-reserved*.npz")
+    captions = [str(c) for c in np.load(scenes)["captions"]]
+    assert any(" and " in c.split(" and a small ")[0] for c in captions)
     base = tmp_path / "out" / "base.safetensors"
     with safe_open(str(base), "pt") as handle:
         assert handle.metadata()["format"] == miniworld.BASE_FORMAT
@@ -147,3 +151,4 @@ def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
     unet = [k for k in first_round if k.startswith("model.diffusion_model.")]
     assert all(torch.equal(first_round[k], second_round[k]) for k in unet)  # learning rate 0: the round continued from the file
     assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"diffusion.init_from={tmp_path / 'none.safetensors'}"]) == 2
+    assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"world.reserved_concepts={tmp_path}"]) == 2

@@ -6,11 +6,13 @@ It is the training data of the project's own small base model (``models/miniworl
 instrument that measures ViCo where Stable Diffusion weights cannot exist: the attributes
 and the mask of every object are known exactly.
 
-Vocabulary: :data:`SHAPES`, :data:`COLOURS`, :data:`PATTERNS`, :data:`SCENES`. Objects of the
-pretraining world are single-part: one colour, one pattern. A **concept** (what ViCo learns)
-is a composite that no caption can name: its left and right halves (or top and bottom) have
-their own colour and pattern, and it may have a notch cut out. Concepts are described by a
-small YAML spec (:class:`ConceptSpec`) and drawn in new poses, sizes and scenes.
+Vocabulary: :data:`SHAPES`, :data:`COLOURS`, :data:`PATTERNS`, :data:`SCENES`. An object is
+single-part (one colour, one pattern: its caption names all of it) or a **composite**: its left
+and right halves (or top and bottom) have their own colour and pattern, and it may have a notch
+cut out; a caption names only a composite's shape and colours ("an orange and teal ring"), never
+its patterns, split or notch. A **concept** (what ViCo learns) is a composite described by a
+small YAML spec (:class:`ConceptSpec`) and drawn in new poses, sizes and scenes; the pretraining
+world draws composites too, but never one with a reserved concept's shape and colours.
 
 Geometry: an object lives in its own coordinates ``(u, v)`` in ``[-1, 1]``, ``v`` pointing
 up, scaled by its radius in pixels and rotated by its angle; patterns and halves are defined
@@ -113,12 +115,22 @@ class WorldObject:
         return (len(self.parts) == 2 and self.parts[0] != self.parts[1]) or self.notch != "none"
 
     def phrase(self) -> str:
-        """The words for a single-part object: ``"a red striped star"`` (plain is not said)."""
+        """The words a caption uses: ``"red striped star"`` (plain is not said) for a single-part
+        object; for a composite only its colours and shape, ``"orange and teal ring"``, so that
+        no caption names a composite exactly."""
         if self.is_composite:
-            raise ValueError("a composite object has no name in the world's vocabulary")
+            first, second = (part.colour for part in self.halves)
+            colours = first if first == second else f"{first} and {second}"
+            return f"{colours} {self.shape}"
         part = self.parts[0]
         words = [part.colour, *([] if part.pattern == "plain" else [part.pattern]), self.shape]
         return " ".join(words)
+
+    def resembles(self, other: WorldObject) -> bool:
+        """Same shape and the same colours in either order: what a caption cannot tell apart."""
+        return self.shape == other.shape and sorted(p.colour for p in self.halves) == sorted(
+            p.colour for p in other.halves
+        )
 
 
 @dataclass(frozen=True)
@@ -376,8 +388,7 @@ def render(scene: Scene, size: int = IMAGE_SIZE, supersample: int = 2, subject: 
         covered &= ~draw_object(canvas, scene.extra, scene.extra_pose, xs, ys)
     image = canvas.clip(0, 1).reshape(size, supersample, size, supersample, 3).mean(axis=(1, 3))
     coverage = covered.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
-    caption = scene.caption(subject) if subject is not None or not scene.main.is_composite else ""
-    return Rendering((image * 255).round().astype(np.uint8), coverage >= 0.5, caption, coverage)
+    return Rendering((image * 255).round().astype(np.uint8), coverage >= 0.5, scene.caption(subject), coverage)
 
 
 # ------------------------------------------------------------- random scenes
@@ -392,16 +403,33 @@ def random_pose(rng: np.random.Generator, size: int, radius: tuple[float, float]
     )
 
 
+def random_part(rng: np.random.Generator) -> Part:
+    return Part(str(rng.choice(list(COLOURS))), str(rng.choice(PATTERNS)))
+
+
 def random_single_object(rng: np.random.Generator) -> WorldObject:
-    part = Part(str(rng.choice(list(COLOURS))), str(rng.choice(PATTERNS)))
+    part = random_part(rng)
     return WorldObject(str(rng.choice(SHAPES)), (part,))
+
+
+def random_world_object(rng: np.random.Generator, composite_probability: float) -> WorldObject:
+    """A single-part object, or (with ``composite_probability``) two random halves, a random split and notch."""
+    shape = str(rng.choice(SHAPES))
+    if rng.random() >= composite_probability:
+        return WorldObject(shape, (random_part(rng),))
+    parts = (random_part(rng), random_part(rng))
+    return WorldObject(shape, parts, str(rng.choice(SPLITS)), str(rng.choice(NOTCHES)))
 
 
 @dataclass(frozen=True)
 class WorldSampler:
-    """Random pretraining scenes: one single-part main object, sometimes a small second one.
+    """Random pretraining scenes: one main object, sometimes a small single-part second one.
 
     Attributes:
+        composite_probability: how often the main object is a composite (else single-part).
+        reserved: composites never drawn: none that :meth:`WorldObject.resembles` one of these
+            (the personalisation concepts) is, so no caption of the world names a concept's
+            shape and colours together.
         main_radius: range of the main object's radius in pixels (at 64 px).
         extra_radius: range of the second object's radius.
         extra_probability: how often a second object is drawn.
@@ -413,11 +441,13 @@ class WorldSampler:
     extra_probability: float = 0.25
     max_angle: float = 30.0
     size: int = IMAGE_SIZE
+    composite_probability: float = 0.0
+    reserved: tuple[WorldObject, ...] = ()
 
     def scene(self, seed: int, main: WorldObject | None = None, background: str | None = None) -> Scene:
         """The scene of ``seed``; ``main`` and ``background`` fix those choices."""
         rng = np.random.default_rng(seed)
-        main = main if main is not None else random_single_object(rng)
+        main = main if main is not None else self._random_main(rng)
         background = background if background is not None else str(rng.choice(list(SCENES)))
         main_pose = random_pose(rng, self.size, self.main_radius, self.max_angle)
         extra = extra_pose = None
@@ -433,6 +463,14 @@ class WorldSampler:
             texture_seed=int(rng.integers(2**31)),
             template=int(rng.integers(len(CAPTION_TEMPLATES))),
         )
+
+    def _random_main(self, rng: np.random.Generator) -> WorldObject:
+        if self.composite_probability == 0.0:
+            return random_single_object(rng)
+        while True:
+            main = random_world_object(rng, self.composite_probability)
+            if not (main.is_composite and any(main.resembles(r) for r in self.reserved)):
+                return main
 
     def _away_from(self, rng: np.random.Generator, main: Pose) -> Pose:
         """A small pose whose centre lies outside the main object (best of a few tries)."""

@@ -26,19 +26,15 @@ from torch import Tensor
 from tqdm import tqdm
 
 from ldm.data.miniworld import (
-    COLOURS,
     IMAGE_SIZE,
     NOTCHES,
-    PATTERNS,
     SCENES,
-    SHAPES,
     SPLITS,
     ConceptSpec,
-    Part,
     Scene,
-    WorldObject,
     WorldSampler,
     concept_scene,
+    random_world_object,
     render,
 )
 from ldm.data.images import to_tensor
@@ -104,19 +100,6 @@ class LabelledPictures:
 
 
 # -------------------------------------------------------------------- scenes
-def random_part(rng: np.random.Generator) -> Part:
-    return Part(str(rng.choice(list(COLOURS))), str(rng.choice(PATTERNS)))
-
-
-def random_world_object(rng: np.random.Generator, composite_probability: float) -> WorldObject:
-    """A single-part object, or (with ``composite_probability``) two random halves, a random split and notch."""
-    shape = str(rng.choice(SHAPES))
-    if rng.random() >= composite_probability:
-        return WorldObject(shape, (random_part(rng),))
-    parts = (random_part(rng), random_part(rng))
-    return WorldObject(shape, parts, str(rng.choice(SPLITS)), str(rng.choice(NOTCHES)))
-
-
 def classifier_scene(seed: int, composite_probability: float) -> Scene:
     """The training scene of ``seed``: a random object of :func:`random_world_object` in a random scene."""
     rng = np.random.default_rng([seed, 1])
