@@ -402,7 +402,7 @@ class GuidedDenoiser:
     def _prepare_reference(self, reference: SamplingReference, branch_rows: list[Tensor]) -> None:
         k = reference.num_references
         device = self.context.device
-        tokens = reference.tokens.view(1, -1)  # located where they are (the host, from the tokenizer): no device read
+        tokens = reference.tokens.view(1, -1)  # positions found where the tokens are; host tokens also serve a meta model
         placeholders = list(reference.placeholders) if reference.placeholders is not None else [None] * k
         manager = self.model.embedding_manager
         positions = {name: manager.placeholder_positions(tokens, name) for name in dict.fromkeys(placeholders)}
