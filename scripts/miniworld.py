@@ -366,6 +366,46 @@ def train_classifier_command(args: argparse.Namespace, command: str) -> None:
     logger.info("world classifier: %s (report %s)", args.out, record)
 
 
+# --------------------------------------------------------------------- probe
+def add_probe_parser(commands) -> None:
+    parser = commands.add_parser("probe", help="what a base model draws from words alone, read by the world classifier")
+    parser.add_argument("--base", default=str(ROOT / "models" / "miniworld" / "base.safetensors"), help="base model")
+    parser.add_argument("--classifier", default=str(ROOT / "models" / "miniworld" / "classifier.safetensors"), help="world classifier")
+    parser.add_argument("--n_samples", type=int, default=4, help="samples per prompt")
+    parser.add_argument("--ddim_steps", type=int, default=25, help="DDIM steps")
+    parser.add_argument("--grid", help="also write the samples as a PNG grid (one row per prompt)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")  # fmt: skip
+
+
+def probe_command(args: argparse.Namespace) -> None:
+    """``probe``: the single-part and composite prompt table of :mod:`ldm.evaluation.miniworld_probe`."""
+    from torchvision.utils import save_image
+
+    from ldm.evaluation.miniworld import load_classifier
+    from ldm.evaluation.miniworld_probe import probe
+
+    for name in ("n_samples", "ddim_steps", "threads"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("base", "classifier"):
+        if not Path(getattr(args, name)).is_file():
+            raise UsageError(f"--{name} file not found: {getattr(args, name)}")
+    torch.set_num_threads(args.threads)
+    model = build_base_model(OmegaConf.load(ROOT / "configs" / "miniworld" / "base.yaml").model)
+    try:
+        model.load_base_checkpoint(args.base)
+    except CheckpointError as err:
+        raise UsageError(str(err)) from None
+    model.eval()
+    result = probe(model, load_classifier(args.classifier), args.n_samples, ddim_steps=args.ddim_steps)
+    print(f"base: {args.base}; {args.n_samples} samples per prompt, DDIM {args.ddim_steps}, guidance 7.5\n")
+    print(result.markdown())
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_image((torch.cat(result.samples) + 1) / 2, args.grid, nrow=args.n_samples, padding=1)
+        logger.info("samples: %s", args.grid)
+
+
 # ----------------------------------------------------------------------- CLI
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:
@@ -385,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--stage", choices=("all", "vae", "ldm"), default="all", help="which stage(s) to run")
     train.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. diffusion.steps=100")
     add_classifier_parser(commands)
+    add_probe_parser(commands)
     return parser
 
 
@@ -402,6 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(str(err)) from None
             paths = make_concept(spec, Path(args.out), args.count, args.seed)
             logger.info("%d photos of the concept in %s", len(paths), args.out)
+            return 0
+        if args.command == "probe":
+            probe_command(args)
             return 0
         if args.command == "train-classifier":
             train_classifier_command(args, "python scripts/miniworld.py " + " ".join(argv))

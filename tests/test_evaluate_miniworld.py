@@ -18,11 +18,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import main
-from ldm.data.miniworld import SCENES, ConceptSpec, concept_scene, render
-from ldm.evaluation.miniworld import HEADS, WorldClassifier, classify, load_classifier, save_classifier
-from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.data.miniworld import ConceptSpec, concept_scene, render
+from ldm.evaluation.miniworld import HEADS, WorldClassifier, load_classifier, save_classifier
 from ldm.util import instantiate_from_config, save_state_dict
+from ldm.evaluation import miniworld_probe as probe_module
+from ldm.evaluation.miniworld_probe import COMPOSITE_PROMPTS, SINGLE_PART_PROMPTS, probe
 from scripts import evaluate_miniworld as ev
+from scripts import miniworld as miniworld_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_BASE = ROOT / "models" / "miniworld" / "base.safetensors"
@@ -154,42 +156,57 @@ def test_mistakes_are_one_line_errors(first_run, random_world, tmp_path, capsys)
 
 
 # ----------------------------------------------------------- measured claims
-def single_part_prompts() -> list[tuple[str, dict[str, int]]]:
-    """Prompts naming a single-part object and a scene, with the labels the classifier should read."""
-    cases = [("red", "circle", "beach"), ("blue", "square", "snow"), ("yellow", "star", "night"), ("green", "heart", "brick")]
-    return [
-        (
-            f"a photo of a {colour} {shape} {SCENES[scene]}",
-            {"shape": HEADS["shape"].index(shape), "colour_0": HEADS["colour_0"].index(colour), "scene": HEADS["scene"].index(scene)},
-        )
-        for colour, shape, scene in cases
-    ]
-
-
 def named_accuracy(base: Path, classifier: WorldClassifier, n_samples: int = 3) -> float:
-    """Mean accuracy of shape, colour and scene over samples of :func:`single_part_prompts`."""
+    """Mean accuracy of shape, colour and scene over the first four single-part probe prompts."""
     model = ev.build_base_model(OmegaConf.load(ev.BASE_CONFIG).model)
     model.load_base_checkpoint(str(base))
     model.eval()
-    sampler = DDIMSampler(model)
-    right = []
-    for index, (prompt, labels) in enumerate(single_part_prompts()):
-        latents, _ = sampler.sample(
-            S=25, batch_size=n_samples, shape=(model.channels, model.image_size, model.image_size),
-            conditioning=model.get_learned_conditioning([prompt]), unconditional_guidance_scale=7.5,
-            unconditional_conditioning=model.get_learned_conditioning([""]),
-            generator=torch.Generator().manual_seed(index), verbose=False,
-        )  # fmt: skip
-        predicted = classify(classifier, model.decode_first_stage(latents).clamp(-1, 1)).labels
-        right += [float(np.mean(predicted[head] == value)) for head, value in labels.items()]
-    return float(np.mean(right))
+    return probe(model, classifier, n_samples, single_part=4, composite=0).single_part_accuracy()["mean"]
+
+
+def test_probe_command_prints_both_tables_and_writes_the_grid(random_world, tmp_path, capsys):
+    grid = tmp_path / "probe.png"
+    code = miniworld_cli.main([
+        "probe", "--base", str(random_world / "base.safetensors"), "--classifier", str(random_world / "classifier.safetensors"),
+        "--n_samples", "1", "--ddim_steps", "2", "--threads", "1", "--grid", str(grid),
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| a photo of")]
+    assert len(rows) == len(SINGLE_PART_PROMPTS) + len(COMPOSITE_PROMPTS)
+    assert "| a photo of an orange and teal ring on the beach |" in out and "**composite mean**" in out
+    width, height = Image.open(grid).size
+    assert height > width * (len(rows) - 1)  # one 64 px row per prompt, one sample wide
+
+
+def test_probe_scores_what_the_classifier_reads(monkeypatch):
+    """Accuracies are the classifier's reads against the prompt's words; composites count colours in either order."""
+    prompts = []
+
+    def fake_sample(model, prompt, n_samples, seed, ddim_steps=25, scale=7.5):
+        prompts.append((prompt, seed))
+        return torch.zeros(n_samples, 3, 64, 64)
+
+    def fake_classify(classifier, images):
+        names = {"shape": "ring", "colour_0": "teal", "colour_1": "orange", "scene": "beach"}
+        return type("P", (), {"labels": {h: np.array([HEADS[h].index(v)] * len(images)) for h, v in names.items()}})()
+
+    monkeypatch.setattr(probe_module, "sample_prompt", fake_sample)
+    monkeypatch.setattr(probe_module, "classify", fake_classify)
+    result = probe(None, None, n_samples=2, single_part=1, composite=2)
+    assert prompts == [("a photo of a red circle on the beach", 0), ("a photo of an orange and teal ring on the beach", 100),
+                       ("a photo of a pink and yellow star in the snow", 101)]  # fmt: skip
+    assert result.single_part == [{"shape": 0.0, "colour_0": 0.0, "scene": 1.0}]
+    assert result.single_part_accuracy()["mean"] == pytest.approx(1 / 3)
+    assert result.composite == [{"colours": 1.0, "shape": 1.0}, {"colours": 0.0, "shape": 0.0}]
 
 
 @needs_pretrained
 def test_base_model_draws_what_a_prompt_names(random_world):
     classifier = load_classifier(SHIPPED_CLASSIFIER)
-    # Measured: shipped base 0.42 (colours and most scenes right, of the shapes mostly circles
-    # and rings: see models/miniworld/README.md), a random network 0.06, chance about 0.12.
+    # Measured: shipped base 0.53 (0.42 before its fourth pretraining round; colours and most
+    # scenes right, shapes less often: see models/miniworld/README.md), a random network 0.06,
+    # chance about 0.12.
     assert named_accuracy(SHIPPED_BASE, classifier) > 0.3
     assert named_accuracy(random_world / "base.safetensors", classifier) < 0.15  # a random network fails
 
@@ -221,8 +238,8 @@ def object_accuracy(row: dict) -> float:
 @pytest.mark.slow
 def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_run):
     vico, base = pretrained_run["vico"], pretrained_run["base"]
-    # Measured (12 samples each): feature similarity to the photos 0.51 against 0.23 for the
-    # base model with the init word; attribute accuracy 0.24 against 0.17.
+    # Measured (12 samples each, shipped base after round 4): feature similarity to the photos
+    # 0.47 against 0.33 for the base model with the init word; attribute accuracy 0.35 against 0.24.
     assert vico["feature_similarity"] > base["feature_similarity"] + 0.1, (vico, base)
     assert object_accuracy(vico) > object_accuracy(base), (vico, base)
     assert vico["object_fidelity"] >= base["object_fidelity"]
@@ -233,6 +250,6 @@ def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_r
 def test_mask_iou_of_a_trained_concept_beats_a_random_network(pretrained_run, first_run):
     trained = pretrained_run["vico"]["mask_iou"]
     random_network = next(row for row in first_run[1] if row["method"] == "vico")["mask_iou"]
-    # Measured: 0.25 after 400 steps (a mask of every patch scores 0.17 on average over
-    # the layers), a random network 0.14 (on sunset_ring).
+    # Measured: 0.31 after 400 steps on the shipped base (a mask of every patch scores 0.17 on
+    # average over the layers), a random network 0.14 (on sunset_ring).
     assert trained > 0.2 > random_network, (trained, random_network)
