@@ -212,9 +212,9 @@ def test_base_model_draws_what_a_prompt_names(random_world):
 
 
 # The claims' concept: moss_square, not the demo's sunset_ring, whose init word "ring" alone
-# already gives the shipped base its shape (docs/EVALUATION.md: base feature similarity 0.445,
-# ViCo 0.436), so a run on it has little to show; on the other four concepts ViCo raises the
-# feature similarity by 0.06 to 0.23 over the base model.
+# already gives the shipped base its shape (docs/EVALUATION.md: base feature similarity 0.464,
+# ViCo 0.499), so a run on it has little to show; on the other four concepts ViCo raises the
+# feature similarity by 0.08 to 0.24 over the base model.
 CLAIM_SPEC = SPEC.with_name("moss_square.yaml")
 
 
