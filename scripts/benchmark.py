@@ -376,6 +376,39 @@ def startup_rows(config, device: torch.device, workdir: Path) -> list[dict]:
     return rows
 
 
+def checkpoint_rows(meta_model, device: torch.device, workdir: Path, repeats: int) -> list[dict]:
+    """What one save of ``last.ckpt`` costs, at the model's trained size (shapes from ``meta_model``).
+
+    The state is what dominates a ViCo checkpoint: the trained parameters and AdamW's two
+    moments, fp32, on ``device``. Rows: the write as training does it
+    (:class:`ldm.callbacks.AtomicCheckpointIO`: temporary file, fsync, rename), and a clone of
+    that state on the device, which an asynchronous write (Lightning's ``AsyncCheckpointIO``)
+    adds to the training loop before handing the write to a thread: async pays only where the
+    clone is much cheaper than the write.
+    """
+    from ldm.callbacks import AtomicCheckpointIO
+
+    state = {
+        f"{kind}.{index}": torch.randn(p.shape, device=device)
+        for index, p in enumerate(meta_model.trainable_parameters())
+        for kind in ("weight", "exp_avg", "exp_avg_sq")
+    }
+    mib = sum(t.numel() * t.element_size() for t in state.values()) / 2**20
+    io = AtomicCheckpointIO()
+    rows = []
+    for name, fn in (
+        (f"checkpoint write, atomic + fsync ({mib:.0f} MiB)", lambda: io.save_checkpoint(state, workdir / "last.ckpt")),
+        (f"checkpoint state clone on the device ({mib:.0f} MiB)", lambda: {k: v.clone() for k, v in state.items()}),
+    ):
+        times = time_calls(fn, device, repeats)
+        median = statistics.median(times)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+        rows.append({"model": "ViCo", "name": name, "median_ms": median * 1e3, "p25_ms": quartiles[0] * 1e3, "p75_ms": quartiles[2] * 1e3,
+                     "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "repeats": repeats})  # fmt: skip
+        print(f"  {'ViCo':18s} {name:55s} {rows[-1]['median_ms']:10.2f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
 def run_python(script: str) -> dict:
     """Run ``script`` in a fresh interpreter; its last stdout line, as JSON."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
@@ -439,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch_size", type=int, nargs="+", default=[1, 4], help="training batch sizes")
     parser.add_argument("--no_startup", action="store_true", help="skip the sample.py start-up rows")
     parser.add_argument("--quick", action="store_true", help="one size of each row (n_samples 1, batch 1): a smoke test")
+    parser.add_argument("--checkpoint_only", action="store_true",
+                        help="only the checkpoint rows (write and on-device clone of the trained weights + AdamW state)")
+    parser.add_argument("--checkpoint_dir", default="logs",
+                        help="where the checkpoint rows write (a temporary folder in it): the disk runs write to")
     parser.add_argument("--compile", choices=sorted(COMPILE_MODES), help="also time ViCo with the UNet under torch.compile")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.params.image_size=32")
     args = parser.parse_args(argv)
@@ -452,10 +489,11 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     meta = torch.device("meta")
-    parameters = parameter_counts(build(config, False, meta))
+    meta_model = build(config, False, meta)
+    parameters = parameter_counts(meta_model)
     rows: list[dict] = []
     ablations: list[dict] = []
-    for textual_inversion in (False, True):
+    for textual_inversion in (False, True) if not args.checkpoint_only else ():
         name = "Textual Inversion" if textual_inversion else "ViCo"
         model = build(config, textual_inversion, device)
         if dtype != torch.float32 and device != meta:  # as training does under mixed precision (bit-identical)
@@ -496,9 +534,13 @@ def main(argv: list[str] | None = None) -> int:
         del model, run, meta_run
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if not args.no_startup and device != meta:
+    if not args.no_startup and not args.checkpoint_only and device != meta:
         with tempfile.TemporaryDirectory() as folder:
             rows += startup_rows(config, device, Path(folder))
+    if device != meta:
+        Path(args.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.checkpoint_dir) as folder:
+            rows += checkpoint_rows(meta_model, device, Path(folder), args.repeats)
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "meta (counts only)" if device == meta else f"CPU ({torch.get_num_threads()} threads)"
     header = f"{args.config} {' '.join(args.overrides)} on {where}, {args.precision}, torch {torch.__version__}, median of {args.repeats} after 2 warm-up calls"

@@ -106,8 +106,14 @@ def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     out = tmp_path / "bench.json"
-    assert benchmark.main(["--quick", "--repeats", "1", "--no_startup", "--compile", "capture-only", "--out", str(out)]) == 0
+    assert benchmark.main([
+        "--quick", "--repeats", "1", "--no_startup", "--compile", "capture-only", "--out", str(out), "--checkpoint_dir", str(tmp_path),
+    ]) == 0  # fmt: skip
     report = json.loads(out.read_text())
+    checkpoint_rows = [row for row in report["rows"] if row["name"].startswith("checkpoint ")]
+    assert [row["name"].split(" (")[0] for row in checkpoint_rows] == ["checkpoint write, atomic + fsync", "checkpoint state clone on the device"]
+    assert all(row["median_ms"] > 0 for row in checkpoint_rows) and not list(tmp_path.glob("tmp*"))  # its folder is removed
+    report["rows"] = [row for row in report["rows"] if row not in checkpoint_rows]
     names = {row["name"] for row in report["rows"]}
     for expected in ("training step", "sampling step", "VAE decode", "text encoding"):
         assert any(expected in name for name in names), (expected, names)
@@ -122,6 +128,20 @@ def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
         assert row["median_ms"] > 0 and row["tflop"] > 0 and row["aten_ops"] > 0, row
     assert len(report["ablations"]) == 3
     assert "| ViCo | training step, batch 1, checkpointing off |" in capsys.readouterr().out
+
+
+def test_benchmark_checkpoint_rows_write_the_trained_state_and_adamw_moments(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    out = tmp_path / "bench.json"
+    assert benchmark.main(["--checkpoint_only", "--repeats", "2", "--out", str(out), "--checkpoint_dir", str(tmp_path / "disk")]) == 0
+    report = json.loads(out.read_text())
+    trained_mib = 3 * 4 * report["parameters"]["trained (S* + image attention)"] / 2**20  # weights and two AdamW moments, fp32
+    assert len(report["rows"]) == 2, report["rows"]
+    for row in report["rows"]:
+        assert f"({trained_mib:.0f} MiB)" in row["name"] and row["repeats"] == 2 and row["median_ms"] > 0
+    assert list((tmp_path / "disk").iterdir()) == []
 
 
 def test_sampling_imports_no_lightning_and_no_open_clip_package():
