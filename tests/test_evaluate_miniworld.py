@@ -179,6 +179,21 @@ def test_probe_command_prints_both_tables_and_writes_the_grid(random_world, tmp_
     assert height > width * (len(rows) - 1)  # one 64 px row per prompt, one sample wide
 
 
+def test_probe_command_rejects_bad_input_in_one_line(random_world, tmp_path, capsys):
+    not_a_model = tmp_path / "notes.safetensors"
+    not_a_model.write_bytes(b"not safetensors")
+    classifier = ["--classifier", str(random_world / "classifier.safetensors")]
+    cases = [
+        (["--base", str(tmp_path / "missing.safetensors"), *classifier], "--base file not found"),
+        (["--base", str(not_a_model), *classifier], "notes.safetensors"),
+        (["--base", str(random_world / "base.safetensors"), *classifier, "--n_samples", "0"], "--n_samples must be at least 1"),
+    ]
+    for arguments, message in cases:
+        assert miniworld_cli.main(["probe", *arguments]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_probe_scores_what_the_classifier_reads(monkeypatch):
     """Accuracies are the classifier's reads against the prompt's words; composites count colours in either order."""
     prompts = []
