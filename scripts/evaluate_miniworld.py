@@ -405,20 +405,11 @@ def sample_scene(model, job: MethodJob, scene: str, reference_latents, evaluatio
     settings = evaluation.settings
     generator = torch.Generator().manual_seed(scene_seed(settings.seed, job.concept.name, scene))
     shape = (model.channels, model.image_size, model.image_size)
-    prompt = job.prompt(scene)
-    if job.method.kind == "trained":
-        decoded, _ = sample_prompt(
-            model, DDIMSampler(model), prompt, reference_latents, n_samples=job.n_samples, latent_shape=shape,
-            steps=settings.ddim_steps, scale=settings.scale, generator=generator,
-        )  # fmt: skip
-        return to_uint8(decoded)
-    latents, _ = DDIMSampler(model).sample(
-        S=settings.ddim_steps, batch_size=job.n_samples, shape=shape,
-        conditioning=model.get_learned_conditioning(model.tokenize([prompt])),
-        unconditional_guidance_scale=settings.scale, unconditional_conditioning=model.get_learned_conditioning([""]),
-        generator=generator, verbose=False,
+    decoded, _ = sample_prompt(
+        model, DDIMSampler(model), job.prompt(scene), reference_latents if job.method.kind == "trained" else None,
+        n_samples=job.n_samples, latent_shape=shape, steps=settings.ddim_steps, scale=settings.scale, generator=generator,
     )  # fmt: skip
-    return to_uint8(model.decode_first_stage(latents).clamp(-1, 1))
+    return to_uint8(decoded)
 
 
 def render_scene(job: MethodJob, scene: str, seed: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ldm.data.miniworld import SCENES
 from ldm.evaluation.miniworld import HEADS, WorldClassifier, classify
+from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
 
 # (colour, shape, scene): one prompt per shape, every scene once.
@@ -84,14 +85,13 @@ class ProbeResult:
 
 @torch.no_grad()
 def sample_prompt(model, prompt: str, n_samples: int, seed: int, ddim_steps: int = 25, scale: float = 7.5) -> Tensor:
-    """``n_samples`` decoded pictures of ``prompt`` (classifier-free guidance), in [-1, 1]."""
-    latents, _ = DDIMSampler(model).sample(
-        S=ddim_steps, batch_size=n_samples, shape=(model.channels, model.image_size, model.image_size),
-        conditioning=model.get_learned_conditioning([prompt]), unconditional_guidance_scale=scale,
-        unconditional_conditioning=model.get_learned_conditioning([""]),
-        generator=torch.Generator().manual_seed(seed), verbose=False,
+    """``n_samples`` decoded pictures of ``prompt`` (classifier-free guidance, no reference), in [-1, 1]."""
+    images, _ = sampling.sample_prompt(
+        model, DDIMSampler(model), prompt, None, n_samples=n_samples,
+        latent_shape=(model.channels, model.image_size, model.image_size), steps=ddim_steps, scale=scale,
+        generator=torch.Generator().manual_seed(seed),
     )  # fmt: skip
-    return model.decode_first_stage(latents).clamp(-1, 1)
+    return images
 
 
 def probe(

@@ -144,7 +144,7 @@ def sample_prompt(
     model,
     sampler: ScheduledSampler,
     prompt: str,
-    reference_latents: Tensor,
+    reference_latents: Tensor | None,
     n_samples: int,
     latent_shape: tuple[int, int, int],
     steps: int,
@@ -159,6 +159,8 @@ def sample_prompt(
     """Sample ``n_samples`` images of one prompt with shared references.
 
     Args:
+        reference_latents: ``[K, C, h, w]``; ``None`` samples without a reference stream (the
+            plain text-to-image model, e.g. a base model without image attention).
         generator: one generator for the whole batch, or one per sample (then sample ``k``
             depends only on ``generator[k]``: it can be regenerated alone).
         negative_prompt: the text of the unconditional branch of classifier-free guidance
@@ -176,7 +178,7 @@ def sample_prompt(
         batch_size=n_samples,
         shape=latent_shape,
         conditioning=model.get_learned_conditioning(tokens),
-        reference=SamplingReference(reference_latents, tokens[0], reference_placeholders),
+        reference=None if reference_latents is None else SamplingReference(reference_latents, tokens[0], reference_placeholders),
         unconditional_guidance_scale=scale,
         unconditional_conditioning=model.get_learned_conditioning([negative_prompt]) if scale != 1.0 else None,
         eta=eta,
