@@ -124,6 +124,16 @@ def count_flops(fn: Callable[[], object] | None, module: torch.nn.Module | None)
     return float(counter.get_total_flops()), saved / 2**20
 
 
+def time_summary(times: list[float]) -> dict:
+    """Median, quartiles and range in milliseconds of call times in seconds."""
+    median = statistics.median(times)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
+    return {
+        "median_ms": median * 1e3, "p25_ms": quartiles[0] * 1e3, "p75_ms": quartiles[2] * 1e3,
+        "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "repeats": len(times),
+    }  # fmt: skip
+
+
 def measure(
     model: str,
     name: str,
@@ -152,14 +162,8 @@ def measure(
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     ops = count_ops(fn, device)
     median = statistics.median(times)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
     row.update({
-        "median_ms": median * 1e3,
-        "p25_ms": quartiles[0] * 1e3,
-        "p75_ms": quartiles[2] * 1e3,
-        "min_ms": min(times) * 1e3,
-        "max_ms": max(times) * 1e3,
-        "repeats": len(times),
+        **time_summary(times),
         "peak_mib": peak,
         "tflops_achieved": flops / median / 1e12 if flops is not None else None,
         **{k: v / per for k, v in ops.items()},
@@ -400,11 +404,7 @@ def checkpoint_rows(meta_model, device: torch.device, workdir: Path, repeats: in
         (f"checkpoint write, atomic + fsync ({mib:.0f} MiB)", lambda: io.save_checkpoint(state, workdir / "last.ckpt")),
         (f"checkpoint state clone on the device ({mib:.0f} MiB)", lambda: {k: v.clone() for k, v in state.items()}),
     ):
-        times = time_calls(fn, device, repeats)
-        median = statistics.median(times)
-        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [median, median, median]
-        rows.append({"model": "ViCo", "name": name, "median_ms": median * 1e3, "p25_ms": quartiles[0] * 1e3, "p75_ms": quartiles[2] * 1e3,
-                     "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3, "repeats": repeats})  # fmt: skip
+        rows.append({"model": "ViCo", "name": name, **time_summary(time_calls(fn, device, repeats))})
         print(f"  {'ViCo':18s} {name:55s} {rows[-1]['median_ms']:10.2f} ms", file=sys.stderr, flush=True)
     return rows
 

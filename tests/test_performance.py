@@ -99,12 +99,18 @@ def test_default_precision_is_32_on_cpu():
     assert main.default_precision("cpu") == "32"
 
 
-def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
-    """The benchmark's rows at tiny size, in-process (the sample.py start-up rows start a fresh
-    interpreter and are left out here; scripts/benchmark.py without --no_startup runs them)."""
+def load_benchmark():
+    """scripts/benchmark.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
+    return benchmark
+
+
+def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
+    """The benchmark's rows at tiny size, in-process (the sample.py start-up rows start a fresh
+    interpreter and are left out here; scripts/benchmark.py without --no_startup runs them)."""
+    benchmark = load_benchmark()
     out = tmp_path / "bench.json"
     assert benchmark.main([
         "--quick", "--repeats", "1", "--no_startup", "--compile", "capture-only", "--out", str(out), "--checkpoint_dir", str(tmp_path),
@@ -131,9 +137,7 @@ def test_benchmark_runs_at_tiny_size(tmp_path, capsys):
 
 
 def test_benchmark_checkpoint_rows_write_the_trained_state_and_adamw_moments(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = load_benchmark()
     out = tmp_path / "bench.json"
     assert benchmark.main(["--checkpoint_only", "--repeats", "2", "--out", str(out), "--checkpoint_dir", str(tmp_path / "disk")]) == 0
     report = json.loads(out.read_text())
