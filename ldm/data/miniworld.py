@@ -162,7 +162,7 @@ class Scene:
 
     def caption(self, subject: str | None = None) -> str:
         """The caption; ``subject`` (e.g. ``"*"``) replaces the main object's words."""
-        main = subject if subject is not None else _with_article(self.main.phrase())
+        main = subject if subject is not None else with_article(self.main.phrase())
         if self.extra is not None:
             main = f"{main} and a small {self.extra.phrase()}"
         return CAPTION_TEMPLATES[self.template].format(object=main, scene=SCENES[self.background])
@@ -179,7 +179,8 @@ class Rendering:
     coverage: Array = field(repr=False)
 
 
-def _with_article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
+    """``"an orange ring"``, ``"a red star"``: the phrase with its indefinite article."""
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
 
 

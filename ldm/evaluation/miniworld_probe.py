@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ldm.data.miniworld import SCENES
+from ldm.data.miniworld import SCENES, with_article
 from ldm.evaluation.miniworld import HEADS, WorldClassifier, classify
 from ldm.models.diffusion import sampling
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -39,16 +39,12 @@ COMPOSITE_PROMPTS: tuple[tuple[str, str, str, str], ...] = (
 SINGLE_PART_HEADS = ("shape", "colour_0", "scene")
 
 
-def _article(words: str) -> str:
-    return f"an {words}" if words[0] in "aeiou" else f"a {words}"
-
-
 def single_part_prompt(colour: str, shape: str, scene: str) -> str:
-    return f"a photo of {_article(f'{colour} {shape}')} {SCENES[scene]}"
+    return f"a photo of {with_article(f'{colour} {shape}')} {SCENES[scene]}"
 
 
 def composite_prompt(first: str, second: str, shape: str, scene: str) -> str:
-    return f"a photo of {_article(f'{first} and {second} {shape}')} {SCENES[scene]}"
+    return f"a photo of {with_article(f'{first} and {second} {shape}')} {SCENES[scene]}"
 
 
 @dataclass
