@@ -406,7 +406,7 @@ def sample_scene(model, job: MethodJob, scene: str, reference_latents, evaluatio
     generator = torch.Generator().manual_seed(scene_seed(settings.seed, job.concept.name, scene))
     shape = (model.channels, model.image_size, model.image_size)
     decoded, _ = sample_prompt(
-        model, DDIMSampler(model), job.prompt(scene), reference_latents if job.method.kind == "trained" else None,
+        model, DDIMSampler(model), job.prompt(scene), reference_latents,
         n_samples=job.n_samples, latent_shape=shape, steps=settings.ddim_steps, scale=settings.scale, generator=generator,
     )  # fmt: skip
     return to_uint8(decoded)
@@ -464,7 +464,8 @@ def score_attention(job: MethodJob, model, reference_latents, evaluation: Evalua
 def generate(job: MethodJob, evaluation: Evaluation, checkpoint: Path | None, progress: tqdm) -> None:
     """Draw the missing samples of ``job`` and, for models with image attention, its attention scores."""
     missing = job.missing()
-    needs_attention = job.method.kind == "trained" and not attention_complete(job)
+    trained = job.method.kind == "trained"  # the base row samples from text alone, without a reference
+    needs_attention = trained and not attention_complete(job)
     (job.folder / "samples").mkdir(parents=True, exist_ok=True)
     if job.method.kind == "renderer":
         for scene, indices in missing.items():
@@ -477,7 +478,7 @@ def generate(job: MethodJob, evaluation: Evaluation, checkpoint: Path | None, pr
         return
     model = load_method_model(job, evaluation, checkpoint)
     reference = load_image(job.reference, (IMAGE_SIZE, IMAGE_SIZE))
-    reference_latents = encode_references(model, to_tensor(np.stack([reference])))
+    reference_latents = encode_references(model, to_tensor(np.stack([reference]))) if trained else None
     for scene, indices in missing.items():
         images = sample_scene(model, job, scene, reference_latents, evaluation)
         for index in indices:
