@@ -40,7 +40,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ddim_steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--seed", type=int, default=23, help="training seed; each (concept, scene) derives its noise")
+    parser.add_argument(
+        "--overrides", nargs="+", default=[], metavar="KEY=VALUE",
+        help="config overrides for every trained method, as main.py takes them "
+        "(e.g. model.params.image_attention_learning_rate=1.0e-04)",
+    )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return parser
 
@@ -183,6 +188,7 @@ class Settings:
     ddim_steps: int
     scale: float
     seed: int
+    overrides: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,13 +240,33 @@ def check_previous_settings(outdir: Path, settings: Settings) -> None:
     path = outdir / SETTINGS_FILE
     if not path.is_file():
         return
-    previous = json.loads(path.read_text(encoding="utf-8"))
-    for key, value in asdict(settings).items():
+    # Compared as stored (tuples become lists); a setting added later has its default in older folders.
+    previous = {item.name: item.default for item in fields(Settings) if item.default is not MISSING}
+    previous.update(json.loads(path.read_text(encoding="utf-8")))
+    previous = json.loads(json.dumps(previous))
+    for key, value in json.loads(json.dumps(asdict(settings))).items():
         if previous.get(key) != value:
             raise UsageError(
                 f"{outdir}: its pictures were made with {key}={previous.get(key)!r}, not {value!r}; "
                 f"use another --outdir or delete {outdir}"
             )
+
+
+def check_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """The training overrides, checked as main.py would check them (key names, value types)."""
+    for override in overrides:
+        if not trainer.OVERRIDE.match(override):
+            raise UsageError(f"--overrides takes KEY=VALUE items as main.py does, got '{override}'")
+    try:
+        config = OmegaConf.merge(
+            *(OmegaConf.load(path) for path in (BASE_CONFIG, VICO_CONFIG)), OmegaConf.from_dotlist(list(overrides))
+        )
+        trainer.check_schema(OmegaConf.to_container(config, resolve=True))
+    except ConfigError as err:
+        raise UsageError(f"--overrides: {err}") from None
+    except Exception as err:  # OmegaConf's parse and merge errors
+        raise UsageError(f"--overrides {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
+    return tuple(overrides)
 
 
 def prepare(args: argparse.Namespace) -> Evaluation:
@@ -260,7 +286,10 @@ def prepare(args: argparse.Namespace) -> Evaluation:
         )
     timesteps = int(OmegaConf.load(BASE_CONFIG).model.params.get("timesteps", 1000))
     make_ddim_timesteps(args.ddim_steps, timesteps)
-    settings = Settings(file_sha256(base), args.train_steps, args.photos, args.ddim_steps, args.scale, args.seed)
+    overrides = check_overrides(args.overrides)
+    settings = Settings(
+        file_sha256(base), args.train_steps, args.photos, args.ddim_steps, args.scale, args.seed, overrides
+    )
     outdir = Path(args.outdir)
     check_previous_settings(outdir, settings)
     return Evaluation(load_specs(args.concepts), methods, scenes, base, outdir, settings, args.n_samples, device)
@@ -345,7 +374,7 @@ def training_argv(job: MethodJob, evaluation: Evaluation) -> list[str]:
         "-n", f"{job.concept.name}-{job.method.name}", "--logdir", str(job.folder / "runs"),
         "-s", str(evaluation.settings.seed), f"lightning.trainer.max_steps={evaluation.settings.train_steps}",
         "lightning.callbacks.image_logger.params.batch_frequency=0", "lightning.trainer.enable_progress_bar=false",
-        "lightning.trainer.enable_model_summary=false",
+        "lightning.trainer.enable_model_summary=false", *evaluation.settings.overrides,
     ]  # fmt: skip
 
 
@@ -594,7 +623,8 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], means: Sequence[Mapping[st
         f"{len(concepts)} concepts ({', '.join(concepts)}); {settings.train_steps} training steps, seed "
         f"{settings.seed}, {settings.photos} photos per concept; prompts 'a photo of * <scene>' over "
         f"{len(evaluation.scenes)} scenes, {evaluation.n_samples} samples each, DDIM {settings.ddim_steps}, "
-        f"guidance {settings.scale}; base model sha256 {settings.base_sha256[:12]}.",
+        f"guidance {settings.scale}; base model sha256 {settings.base_sha256[:12]}"
+        + (f"; trained with {' '.join(settings.overrides)}." if settings.overrides else "."),
         "",
         "## Mean over concepts",
         "",

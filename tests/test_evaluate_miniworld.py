@@ -140,6 +140,30 @@ def test_resuming_keeps_what_is_done_and_adds_what_is_asked(first_run, random_wo
     assert [row["num_generated"] for row in rows] == [4, 4]
 
 
+def test_overrides_reach_every_training_and_are_part_of_the_settings(first_run, random_world, tmp_path, capsys):
+    outdir = tmp_path / "faster-attention"
+    override = "model.params.image_attention_learning_rate=0.003"
+    evaluate(argv(random_world, outdir, "--methods", "vico", "--overrides", override))
+    (config,) = (outdir / CONCEPT / "vico" / "runs").glob("*/configs/*-project.yaml")
+    assert OmegaConf.load(config).model.params.image_attention_learning_rate == 0.003
+    assert f"trained with {override}." in (outdir / "table.md").read_text()
+    assert json.loads((outdir / "settings.json").read_text())["overrides"] == [override]
+    # the folder of the run without overrides (its settings.json has no "overrides") is still usable
+    assert ev.main(argv(random_world, first_run[0], "--methods", "renderer")) == 0
+    capsys.readouterr()
+    for folder, extra, message in (
+        (outdir, (), "overrides=['model.params.image_attention_learning_rate=0.003'], not []"),
+        (first_run[0], ("--overrides", override), "overrides=[], not"),
+        (tmp_path / "a", ("--overrides", "model.params.image_attention_lr=1"), "nearest: model.params.image_attention_learning_rate"),
+        (tmp_path / "b", ("--overrides", "learning_rate"), "KEY=VALUE"),
+        (tmp_path / "c", ("--overrides", "model.params.image_attention_learning_rate=fast"), "must be float"),
+    ):
+        assert ev.main(argv(random_world, folder, *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "a").exists()  # refused before anything was written
+
+
 def test_mistakes_are_one_line_errors(first_run, random_world, tmp_path, capsys):
     cases = [
         (argv(random_world, tmp_path / "a", "--methods", "vico,dreambooth"), "unknown method 'dreambooth'"),
