@@ -47,7 +47,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +59,6 @@ from ldm.data.images import ImageError, load_image, to_tensor  # noqa: E402
 from ldm.data.miniworld import IMAGE_SIZE, SCENES, ConceptSpec, concept_scene, render  # noqa: E402
 from ldm.evaluation.miniworld import (  # noqa: E402
     HEADS,
-    OBJECT_HEADS,
     WorldClassifier,
     classify,
     load_classifier,
