@@ -179,6 +179,30 @@ def test_mistakes_are_one_line_errors(first_run, random_world, tmp_path, capsys)
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
 
 
+def image_attention_widths(config_path: Path) -> dict[int, int]:
+    config = OmegaConf.load(config_path)
+    with torch.device("meta"):
+        unet = instantiate_from_config(config.model.params.unet_config)
+    return {
+        block.layer_index: block.image_cross_attention.attn1.to_q.in_features
+        for block in unet.modules()
+        if getattr(block, "image_cross_attention", None) is not None
+    }
+
+
+def test_image_attention_learning_rate_is_the_papers_transferred_to_the_miniature_width():
+    """configs/miniworld/base.yaml: SD's 1e-5 x the narrowest width ratio of the patched layers
+    (Adam's 1/fan-in rule; docs/EVALUATION.md). Changing the widths without the rate fails here."""
+    sd_config, mini_config = ROOT / "configs" / "vico.yaml", ev.BASE_CONFIG
+    sd_widths, mini_widths = image_attention_widths(sd_config), image_attention_widths(mini_config)
+    assert sorted(sd_widths) == sorted(mini_widths) == [8, 10, 12, 14]  # the same decoder layers
+    ratio = min(sd_widths[layer] / mini_widths[layer] for layer in sd_widths)
+    assert ratio == 10  # 1280/64, 640/64, 640/64, 320/32
+    paper = OmegaConf.load(sd_config).model.params.image_attention_learning_rate
+    assert paper == 1e-5
+    assert OmegaConf.load(mini_config).model.params.image_attention_learning_rate == pytest.approx(paper * ratio)
+
+
 # ----------------------------------------------------------- measured claims
 def named_accuracy(base: Path, classifier: WorldClassifier, n_samples: int = 3) -> float:
     """Mean accuracy of shape, colour and scene over the first four single-part probe prompts."""
