@@ -16,6 +16,11 @@ Rows (all on this repository's code, random weights: speed does not depend on th
                        UNet under ``torch.compile`` (``compile_unet``), and the first call, which
                        traces and compiles, as its own row. ``capture-only`` traces without
                        generating kernels (a check of graph capture that fits a CPU).
+  pretraining step     with ``--pretraining_only`` (and ``--config configs/miniworld/base.yaml``):
+                       one step of ``scripts/miniworld.py pretrain``'s diffusion stage (UNet and
+                       text encoder forward, backward, AdamW) at the recipe's batch of 64 cached
+                       latents, in fp32 and under bf16 autocast side by side, and compiled with
+                       ``--compile MODE``: which levers shorten the pretraining on this machine.
   sample.py start-up   a fresh interpreter: importing sample.py, then building the model from an
                        adapter and a base checkpoint on the meta device (``assign=True``), and the
                        old way (random initialisation, then loading) for comparison.
@@ -409,6 +414,50 @@ def checkpoint_rows(meta_model, device: torch.device, workdir: Path, repeats: in
     return rows
 
 
+def pretraining_rows(config, device: torch.device, repeats: int, batch_size: int, compile_mode: str | None) -> list[dict]:
+    """One diffusion-stage pretraining step of the base model of ``config`` (random weights):
+    torch's default AdamW against the pretraining's fused one, fp32 against bf16 autocast,
+    and with ``compile_mode`` the UNet compiled."""
+    from ldm.models.pretraining import TextToImagePretraining, fused_adamw
+    from scripts.miniworld import build_base_model
+
+    torch.manual_seed(0)
+    model = build_base_model(config.model).to(device)
+    tokenizer = model.cond_stage_model.tokenizer
+    module = TextToImagePretraining(model, 3e-4, tokenizer([""])[0]).to(device)
+    parameters = [p for part in module.trained_modules() for p in part.parameters()]
+    optimizers = {"default": torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.0), "fused": fused_adamw(parameters, 3e-4)}
+    params = config.model.params
+    shape = (batch_size, params.channels, params.image_size, params.image_size)
+    mean = torch.randn(shape, device=device)
+    batch = (mean, torch.full_like(mean, 0.1), tokenizer(["a photo of a red striped star on the beach"] * batch_size).to(device))
+
+    def step(dtype: torch.dtype, optimizer: str) -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss, _ = module.losses(batch)
+        loss.backward()
+        optimizers[optimizer].step()
+        optimizers[optimizer].zero_grad(set_to_none=True)
+
+    name = f"pretraining step, batch {batch_size}"
+    rows = [
+        measure("miniworld base", f"{name}, fp32, AdamW (torch's default)", lambda: step(torch.float32, "default"), device, repeats, None),
+        measure("miniworld base", f"{name}, fp32, AdamW fused", lambda: step(torch.float32, "fused"), device, repeats, None),
+        measure("miniworld base", f"{name}, bf16 autocast, AdamW fused", lambda: step(torch.bfloat16, "fused"), device, repeats, None),
+    ]  # fmt: skip
+    if compile_mode is not None:
+        unet = model.model.diffusion_model
+        model.model.diffusion_model = torch.compile(unet, **COMPILE_MODES[compile_mode])
+        compiled = f"{name}, fp32, AdamW fused, UNet compiled ({compile_mode})"
+        started = time.perf_counter()
+        step(torch.float32, "fused")
+        synchronize(device)
+        rows.append({"model": "miniworld base", "name": f"{compiled}, first call (compiles)", **time_summary([time.perf_counter() - started])})
+        rows.append(measure("miniworld base", compiled, lambda: step(torch.float32, "fused"), device, repeats, None))
+        model.model.diffusion_model = unet
+    return rows
+
+
 def run_python(script: str) -> dict:
     """Run ``script`` in a fresh interpreter; its last stdout line, as JSON."""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
@@ -474,6 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one size of each row (n_samples 1, batch 1): a smoke test")
     parser.add_argument("--checkpoint_only", action="store_true",
                         help="only the checkpoint rows (write and on-device clone of the trained weights + AdamW state)")
+    parser.add_argument("--pretraining_only", action="store_true",
+                        help="only the base model's pretraining step (use with --config configs/miniworld/base.yaml)")
+    parser.add_argument("--pretraining_batch", type=int, default=64, help="batch of the pretraining rows (the recipe's 64)")
     parser.add_argument("--checkpoint_dir", default="logs",
                         help="where the checkpoint rows write (a temporary folder in it): the disk runs write to")
     parser.add_argument("--compile", choices=sorted(COMPILE_MODES), help="also time ViCo with the UNet under torch.compile")
@@ -488,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
     def autocast():
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    if args.pretraining_only:
+        if device.type == "meta":
+            raise SystemExit("error: --pretraining_only times steps; give a real --device")
+        rows = pretraining_rows(config, device, args.repeats, args.pretraining_batch, args.compile)
+        return report(args, device, rows, [], {})
     meta = torch.device("meta")
     meta_model = build(config, False, meta)
     parameters = parameter_counts(meta_model)
@@ -542,10 +599,16 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(dir=args.checkpoint_dir) as folder:
             rows += checkpoint_rows(meta_model, device, Path(folder), args.repeats)
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "meta (counts only)" if device == meta else f"CPU ({torch.get_num_threads()} threads)"
+    return report(args, device, rows, ablations, parameters)
+
+
+def report(args: argparse.Namespace, device: torch.device, rows: list[dict], ablations: list[dict], parameters: dict[str, int]) -> int:
+    """Print the tables (and write ``--out``)."""
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "meta (counts only)" if device.type == "meta" else f"CPU ({torch.get_num_threads()} threads)"
     header = f"{args.config} {' '.join(args.overrides)} on {where}, {args.precision}, torch {torch.__version__}, median of {args.repeats} after 2 warm-up calls"
     print(header)
-    print("parameters (M): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in parameters.items()) + "\n")
+    if parameters:
+        print("parameters (M): " + ", ".join(f"{k} {v / 1e6:.2f}" for k, v in parameters.items()) + "\n")
     print(markdown(rows) + "\n")
     if ablations:
         print(ablation_markdown(ablations))
