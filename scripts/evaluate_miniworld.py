@@ -46,7 +46,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +264,7 @@ def check_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
         trainer.check_schema(OmegaConf.to_container(config, resolve=True))
     except ConfigError as err:
         raise UsageError(f"--overrides: {err}") from None
-    except Exception as err:  # OmegaConf's parse and merge errors
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise UsageError(f"--overrides {' '.join(overrides)}: {str(err).splitlines()[0]}") from None
     return tuple(overrides)
 
