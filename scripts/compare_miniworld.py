@@ -127,11 +127,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         pairs = paired_rows([Path(folder) for folder in args.folders], args.a, args.b)
+        comparisons = [c for c in (compare(pairs, metric) for metric in METRICS) if c is not None]
     except (UsageError, json.JSONDecodeError, KeyError) as err:
         message = f"cannot read a scores.json: {err!r}" if not isinstance(err, UsageError) else str(err)
         print("error: " + " ".join(message.split()), file=sys.stderr)
         return 2
-    comparisons = [c for c in (compare(pairs, metric) for metric in METRICS) if c is not None]
     print(markdown(comparisons, args.a, args.b))
     return 0
 

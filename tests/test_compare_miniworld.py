@@ -67,6 +67,8 @@ def test_command_prints_the_table_and_refuses_mistakes_in_one_line(two_seeds, tm
     for arguments, message in (
         ([str(tmp_path / "none")], "no scores.json"),
         ([str(two_seeds[0]), "--b", "dreambooth"], "no concept was scored for both 'textual-inversion' and 'dreambooth'"),
+        ([str(folder(tmp_path, "broken", [{"concept": "ring", "method": m} for m in ("textual-inversion", "vico")]))],
+         "cannot read a scores.json: KeyError('shape')"),
     ):
         assert cmp.main(arguments) == 2
         err = capsys.readouterr().err
