@@ -446,15 +446,13 @@ def pretraining_rows(config, device: torch.device, repeats: int, batch_size: int
         measure("miniworld base", f"{name}, bf16 autocast, AdamW fused", lambda: step(torch.bfloat16, "fused"), device, repeats, None),
     ]  # fmt: skip
     if compile_mode is not None:
-        unet = model.model.diffusion_model
-        model.model.diffusion_model = torch.compile(unet, **COMPILE_MODES[compile_mode])
+        model.compile_unet(**COMPILE_MODES[compile_mode])
         compiled = f"{name}, fp32, AdamW fused, UNet compiled ({compile_mode})"
         started = time.perf_counter()
         step(torch.float32, "fused")
         synchronize(device)
         rows.append({"model": "miniworld base", "name": f"{compiled}, first call (compiles)", **time_summary([time.perf_counter() - started])})
         rows.append(measure("miniworld base", compiled, lambda: step(torch.float32, "fused"), device, repeats, None))
-        model.model.diffusion_model = unet
     return rows
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -90,11 +91,10 @@ def compare(pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], metric
         return None
     differences = [y - x for x, y in values]
     n = len(differences)
-    mean = sum(differences) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1)) if n > 1 else None
+    sd = statistics.stdev(differences) if n > 1 else None
     return Comparison(
-        metric, n, sum(x for x, _ in values) / n, sum(y for _, y in values) / n, mean, sd,
-        sd / math.sqrt(n) if sd is not None else None,
+        metric, n, statistics.fmean(x for x, _ in values), statistics.fmean(y for _, y in values),
+        statistics.fmean(differences), sd, sd / math.sqrt(n) if sd is not None else None,
         sum(d > 0 for d in differences), sum(d == 0 for d in differences), sum(d < 0 for d in differences),
     )  # fmt: skip
 

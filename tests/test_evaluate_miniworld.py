@@ -23,6 +23,7 @@ from ldm.evaluation.miniworld import HEADS, WorldClassifier, load_classifier, sa
 from ldm.util import instantiate_from_config, save_state_dict
 from ldm.evaluation import miniworld_probe as probe_module
 from ldm.evaluation.miniworld_probe import COMPOSITE_PROMPTS, SINGLE_PART_PROMPTS, probe
+from scripts import compare_miniworld
 from scripts import evaluate_miniworld as ev
 from scripts import miniworld as miniworld_cli
 
@@ -293,7 +294,7 @@ def pretrained_run(tmp_path_factory) -> dict[str, dict]:
 
 def object_accuracy(row: dict) -> float:
     """Mean accuracy of the concept's object attributes (a finer measure than all-right fidelity)."""
-    return float(np.mean([row[head] for head in ("shape", "colour_0", "pattern_0", "colour_1", "pattern_1", "notch")]))
+    return compare_miniworld.metric_value(row, "attribute_accuracy")
 
 
 @needs_pretrained
