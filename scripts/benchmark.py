@@ -19,7 +19,8 @@ Rows (all on this repository's code, random weights: speed does not depend on th
   pretraining step     with ``--pretraining_only`` (and ``--config configs/miniworld/base.yaml``):
                        one step of ``scripts/miniworld.py pretrain``'s diffusion stage (UNet and
                        text encoder forward, backward, AdamW) at the recipe's batch of 64 cached
-                       latents, in fp32 and under bf16 autocast side by side, and compiled with
+                       latents, in fp32 and under bf16 autocast side by side, with
+                       ``--pretraining_heads N`` with N attention heads, and compiled with
                        ``--compile MODE``: which levers shorten the pretraining on this machine.
   sample.py start-up   a fresh interpreter: importing sample.py, then building the model from an
                        adapter and a base checkpoint on the meta device (``assign=True``), and the
@@ -48,6 +49,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -414,45 +416,56 @@ def checkpoint_rows(meta_model, device: torch.device, workdir: Path, repeats: in
     return rows
 
 
-def pretraining_rows(config, device: torch.device, repeats: int, batch_size: int, compile_mode: str | None) -> list[dict]:
+def pretraining_rows(
+    config, device: torch.device, repeats: int, batch_size: int, compile_mode: str | None, heads: int | None = None
+) -> list[dict]:
     """One diffusion-stage pretraining step of the base model of ``config`` (random weights):
     torch's default AdamW against the pretraining's fused one, fp32 against bf16 autocast,
-    and with ``compile_mode`` the UNet compiled."""
+    with ``heads`` the UNet with that many attention heads (the same parameters), and with
+    ``compile_mode`` the UNet compiled."""
     from ldm.models.pretraining import TextToImagePretraining, fused_adamw
     from scripts.miniworld import build_base_model
 
-    torch.manual_seed(0)
-    model = build_base_model(config.model).to(device)
-    tokenizer = model.cond_stage_model.tokenizer
-    module = TextToImagePretraining(model, 3e-4, tokenizer([""])[0]).to(device)
-    parameters = [p for part in module.trained_modules() for p in part.parameters()]
-    optimizers = {"default": torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.0), "fused": fused_adamw(parameters, 3e-4)}
-    params = config.model.params
-    shape = (batch_size, params.channels, params.image_size, params.image_size)
-    mean = torch.randn(shape, device=device)
-    batch = (mean, torch.full_like(mean, 0.1), tokenizer(["a photo of a red striped star on the beach"] * batch_size).to(device))
+    def setup(model_config) -> tuple[Any, dict[str, torch.optim.Optimizer], tuple]:
+        torch.manual_seed(0)
+        model = build_base_model(model_config).to(device)
+        tokenizer = model.cond_stage_model.tokenizer
+        module = TextToImagePretraining(model, 3e-4, tokenizer([""])[0]).to(device)
+        parameters = [p for part in module.trained_modules() for p in part.parameters()]
+        optimizers = {"default": torch.optim.AdamW(parameters, lr=3e-4, weight_decay=0.0), "fused": fused_adamw(parameters, 3e-4)}
+        params = model_config.params
+        mean = torch.randn((batch_size, params.channels, params.image_size, params.image_size), device=device)
+        batch = (mean, torch.full_like(mean, 0.1), tokenizer(["a photo of a red striped star on the beach"] * batch_size).to(device))
+        return module, optimizers, batch
 
-    def step(dtype: torch.dtype, optimizer: str) -> None:
+    def step(setup: tuple, dtype: torch.dtype, optimizer: str) -> None:
+        module, optimizers, batch = setup
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss, _ = module.losses(batch)
         loss.backward()
         optimizers[optimizer].step()
         optimizers[optimizer].zero_grad(set_to_none=True)
 
+    base = setup(config.model)
     name = f"pretraining step, batch {batch_size}"
     rows = [
-        measure("miniworld base", f"{name}, fp32, AdamW (torch's default)", lambda: step(torch.float32, "default"), device, repeats, None),
-        measure("miniworld base", f"{name}, fp32, AdamW fused", lambda: step(torch.float32, "fused"), device, repeats, None),
-        measure("miniworld base", f"{name}, bf16 autocast, AdamW fused", lambda: step(torch.bfloat16, "fused"), device, repeats, None),
+        measure("miniworld base", f"{name}, fp32, AdamW (torch's default)", lambda: step(base, torch.float32, "default"), device, repeats, None),
+        measure("miniworld base", f"{name}, fp32, AdamW fused", lambda: step(base, torch.float32, "fused"), device, repeats, None),
+        measure("miniworld base", f"{name}, bf16 autocast, AdamW fused", lambda: step(base, torch.bfloat16, "fused"), device, repeats, None),
     ]  # fmt: skip
+    if heads is not None:
+        other = OmegaConf.merge(config.model, {"params": {"unet_config": {"params": {"num_heads": heads}}}})
+        variant = setup(other)
+        label = f"{name}, fp32, AdamW fused, {heads} attention heads"
+        rows.append(measure("miniworld base", label, lambda: step(variant, torch.float32, "fused"), device, repeats, None))
     if compile_mode is not None:
-        model.compile_unet(**COMPILE_MODES[compile_mode])
+        base[0].model.compile_unet(**COMPILE_MODES[compile_mode])
         compiled = f"{name}, fp32, AdamW fused, UNet compiled ({compile_mode})"
         started = time.perf_counter()
-        step(torch.float32, "fused")
+        step(base, torch.float32, "fused")
         synchronize(device)
         rows.append({"model": "miniworld base", "name": f"{compiled}, first call (compiles)", **time_summary([time.perf_counter() - started])})
-        rows.append(measure("miniworld base", compiled, lambda: step(torch.float32, "fused"), device, repeats, None))
+        rows.append(measure("miniworld base", compiled, lambda: step(base, torch.float32, "fused"), device, repeats, None))
     return rows
 
 
@@ -524,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretraining_only", action="store_true",
                         help="only the base model's pretraining step (use with --config configs/miniworld/base.yaml)")
     parser.add_argument("--pretraining_batch", type=int, default=64, help="batch of the pretraining rows (the recipe's 64)")
+    parser.add_argument("--pretraining_heads", type=int,
+                        help="also time the pretraining step with this many attention heads (configs/miniworld/two-heads.yaml: 2)")
     parser.add_argument("--checkpoint_dir", default="logs",
                         help="where the checkpoint rows write (a temporary folder in it): the disk runs write to")
     parser.add_argument("--compile", choices=sorted(COMPILE_MODES), help="also time ViCo with the UNet under torch.compile")
@@ -541,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretraining_only:
         if device.type == "meta":
             raise SystemExit("error: --pretraining_only times steps; give a real --device")
-        rows = pretraining_rows(config, device, args.repeats, args.pretraining_batch, args.compile)
+        rows = pretraining_rows(config, device, args.repeats, args.pretraining_batch, args.compile, args.pretraining_heads)
         return report(args, device, rows, [], {})
     meta = torch.device("meta")
     meta_model = build(config, False, meta)

@@ -148,6 +148,15 @@ def loader(dataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
 
 
+def load_model_config(paths: str | Sequence[str]) -> DictConfig:
+    """The ``model`` section of a config file, or of several merged in order (as ``main.py --base``)."""
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    missing = [str(p) for p in paths if not (ROOT / p).is_file()]
+    if missing:
+        raise UsageError(f"model config not found: {', '.join(missing)}")
+    return OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in paths)).model
+
+
 def build_base_model(model_config: DictConfig):
     """The base LatentDiffusion of the config, without ViCo's image attention (plain SD layout)."""
     config = OmegaConf.to_container(model_config, resolve=True)
@@ -279,7 +288,7 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
     # The frozen parts (the autoencoder in stage 2, the text encoder's dropout-free holder) stay in eval mode.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     torch.set_num_threads(int(recipe.threads))
-    model_config = OmegaConf.load(ROOT / recipe.model_config).model
+    model_config = load_model_config(recipe.model_config)
     output = ROOT / recipe.output_dir
     cache = Path(recipe.cache_dir)
     record_path = cache / "pretraining.json"
@@ -309,7 +318,8 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
             torch=torch.__version__,
             machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {recipe.threads}",
         )
-        metadata = {"format": BASE_FORMAT, "config": str(recipe.model_config), "seed": str(recipe.seed), "command": command}
+        config_files = recipe.model_config if isinstance(recipe.model_config, str) else " ".join(recipe.model_config)
+        metadata = {"format": BASE_FORMAT, "config": config_files, "seed": str(recipe.seed), "command": command}
         write_base(trained["model"], output / "base.safetensors", metadata)
         curves = (("autoencoder", "autoencoder", "vae/l1"), ("diffusion", f"diffusion-round{len(rounds)}", "ldm/mse"))
         for log, name, column in curves:
@@ -370,6 +380,8 @@ def train_classifier_command(args: argparse.Namespace, command: str) -> None:
 def add_probe_parser(commands) -> None:
     parser = commands.add_parser("probe", help="what a base model draws from words alone, read by the world classifier")
     parser.add_argument("--base", default=str(ROOT / "models" / "miniworld" / "base.safetensors"), help="base model")
+    parser.add_argument("--config", nargs="+", default=["configs/miniworld/base.yaml"],
+                        help="the base model's config; several files are merged in order (as main.py --base)")
     parser.add_argument("--classifier", default=str(ROOT / "models" / "miniworld" / "classifier.safetensors"), help="world classifier")
     parser.add_argument("--n_samples", type=int, default=4, help="samples per prompt")
     parser.add_argument("--ddim_steps", type=int, default=25, help="DDIM steps")
@@ -391,14 +403,14 @@ def probe_command(args: argparse.Namespace) -> None:
         if not Path(getattr(args, name)).is_file():
             raise UsageError(f"--{name} file not found: {getattr(args, name)}")
     torch.set_num_threads(args.threads)
-    model = build_base_model(OmegaConf.load(ROOT / "configs" / "miniworld" / "base.yaml").model)
+    model = build_base_model(load_model_config(args.config))
     try:
         model.load_base_checkpoint(args.base)
     except CheckpointError as err:
         raise UsageError(str(err)) from None
     model.eval()
     result = probe(model, load_classifier(args.classifier), args.n_samples, ddim_steps=args.ddim_steps)
-    print(f"base: {args.base}; {args.n_samples} samples per prompt, DDIM {args.ddim_steps}, guidance 7.5\n")
+    print(f"base: {args.base} (config: {' '.join(args.config)}); {args.n_samples} samples per prompt, DDIM {args.ddim_steps}, guidance 7.5\n")
     print(result.markdown())
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
@@ -421,7 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     concept.add_argument("--count", type=int, default=5, help="number of photos")
     concept.add_argument("--seed", type=int, default=0, help="seed of the poses and scenes")
     train = commands.add_parser("pretrain", help="pretrain the base model (autoencoder, then UNet + text encoder)")
-    train.add_argument("--config", default=str(DEFAULT_RECIPE), help="pretraining recipe")
+    train.add_argument("--config", nargs="+", default=[str(DEFAULT_RECIPE)],
+                       help="pretraining recipe; several files are merged in order (as main.py --base)")
     train.add_argument("--stage", choices=("all", "vae", "ldm"), default="all", help="which stage(s) to run")
     train.add_argument("overrides", nargs="*", help="dotted overrides of the recipe, e.g. diffusion.steps=100")
     add_classifier_parser(commands)
@@ -450,12 +463,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train-classifier":
             train_classifier_command(args, "python scripts/miniworld.py " + " ".join(argv))
             return 0
-        if not Path(args.config).is_file():
-            raise UsageError(f"recipe not found: {args.config}")
+        missing = [path for path in args.config if not Path(path).is_file()]
+        if missing:
+            raise UsageError(f"recipe not found: {', '.join(missing)}")
         bad = [o for o in args.overrides if "=" not in o]
         if bad:
             raise UsageError(f"overrides look like diffusion.steps=100, got '{bad[0]}'")
-        recipe = OmegaConf.merge(OmegaConf.load(args.config), OmegaConf.from_dotlist(args.overrides))
+        recipe = OmegaConf.merge(*(OmegaConf.load(path) for path in args.config), OmegaConf.from_dotlist(args.overrides))
         pretrain(recipe, args.stage, "python scripts/miniworld.py " + " ".join(argv))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

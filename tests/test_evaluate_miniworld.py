@@ -236,6 +236,7 @@ def test_probe_command_rejects_bad_input_in_one_line(random_world, tmp_path, cap
         (["--base", str(tmp_path / "missing.safetensors"), *classifier], "--base file not found"),
         (["--base", str(not_a_model), *classifier], "notes.safetensors"),
         (["--base", str(random_world / "base.safetensors"), *classifier, "--n_samples", "0"], "--n_samples must be at least 1"),
+        (["--base", str(random_world / "base.safetensors"), *classifier, "--config", "configs/none.yaml"], "model config not found"),
     ]
     for arguments, message in cases:
         assert miniworld_cli.main(["probe", *arguments]) == 2

@@ -153,12 +153,12 @@ def test_benchmark_pretraining_rows_time_the_base_models_step_side_by_side(tmp_p
     out = tmp_path / "bench.json"
     assert benchmark.main([
         "--config", "configs/miniworld/base.yaml", "--pretraining_only", "--pretraining_batch", "2", "--repeats", "1",
-        "--compile", "capture-only", "--out", str(out),
+        "--compile", "capture-only", "--pretraining_heads", "2", "--out", str(out),
     ]) == 0  # fmt: skip
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     prefix = "pretraining step, batch 2, "
     assert sorted(rows) == sorted(prefix + what for what in (
-        "fp32, AdamW (torch's default)", "fp32, AdamW fused", "bf16 autocast, AdamW fused",
+        "fp32, AdamW (torch's default)", "fp32, AdamW fused", "bf16 autocast, AdamW fused", "fp32, AdamW fused, 2 attention heads",
         "fp32, AdamW fused, UNet compiled (capture-only), first call (compiles)", "fp32, AdamW fused, UNet compiled (capture-only)",
     ))  # fmt: skip
     assert all(row["median_ms"] > 0 for row in rows.values())

@@ -152,3 +152,27 @@ def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
     assert all(torch.equal(first_round[k], second_round[k]) for k in unet)  # learning rate 0: the round continued from the file
     assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"diffusion.init_from={tmp_path / 'none.safetensors'}"]) == 2
     assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"world.reserved_concepts={tmp_path}"]) == 2
+
+
+def test_model_config_files_merge_in_order_and_two_heads_keep_the_file_layout():
+    """configs/miniworld/two-heads.yaml over base.yaml (the 2-hour recipe's model): 2 heads
+    everywhere, the same parameter names and shapes, so such a base must be read with its config."""
+    from ldm.modules.attention import CrossAttention
+
+    recipe = OmegaConf.merge(*(OmegaConf.load(ROOT / "configs" / "miniworld" / name) for name in ("pretrain.yaml", "pretrain-2h.yaml")))
+    four = miniworld.load_model_config("configs/miniworld/base.yaml")
+    two = miniworld.load_model_config(recipe.model_config)
+    with torch.device("meta"):
+        unets = [instantiate_from_config(config.params.unet_config) for config in (four, two)]
+    assert [{m.heads for m in unet.modules() if isinstance(m, CrossAttention)} for unet in unets] == [{4}, {2}]
+    layouts = [{name: tuple(t.shape) for name, t in unet.state_dict().items()} for unet in unets]
+    assert layouts[0] == layouts[1]
+    with pytest.raises(miniworld.UsageError, match="model config not found: configs/none.yaml"):
+        miniworld.load_model_config(["configs/miniworld/base.yaml", "configs/none.yaml"])
+
+
+def test_pretrain_recipe_files_merge_and_a_missing_one_is_a_one_line_error(tmp_path, capsys):
+    missing = tmp_path / "missing.yaml"
+    assert miniworld.main(["pretrain", "--config", str(miniworld.DEFAULT_RECIPE), str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: recipe not found: {missing}\n"
