@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=23, help="training seed; each (concept, scene) derives its noise")
     parser.add_argument(
         "--overrides", nargs="+", default=[], metavar="KEY=VALUE",
-        help="config overrides for every trained method, as main.py takes them "
+        help="config overrides for every method's model (the trained ones and the base row), as main.py takes them "
         "(e.g. model.params.image_attention_learning_rate=1.0e-04)",
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
@@ -418,12 +418,19 @@ def train_method(job: MethodJob, evaluation: Evaluation) -> Path:
 
 
 # ------------------------------------------------------------------ pictures
+def base_model_config(overrides: Sequence[str]) -> DictConfig:
+    """The base model's config under the overrides: a base pretrained with another setting
+    (``configs/miniworld/two-heads.yaml``: ``model.params.unet_config.params.num_heads=2``)
+    is read with it, as the trained methods are."""
+    return OmegaConf.merge(OmegaConf.load(BASE_CONFIG), OmegaConf.from_dotlist(list(overrides))).model
+
+
 def load_method_model(job: MethodJob, evaluation: Evaluation, checkpoint: Path | None):
     """The model that draws ``job``'s samples: the trained one, or the plain base model."""
     if checkpoint is not None:
         model, _ = load_vico_model(checkpoint, base_ckpt=evaluation.base, device=evaluation.device)
         return model
-    model = build_base_model(OmegaConf.load(BASE_CONFIG).model)
+    model = build_base_model(base_model_config(evaluation.settings.overrides))
     model.load_base_checkpoint(str(evaluation.base))
     return model.eval().to(evaluation.device)
 

@@ -320,3 +320,15 @@ def test_mask_iou_of_a_trained_concept_beats_a_random_network(pretrained_run, fi
     # mask of every patch scores 0.17 on average over the layers), a random network 0.14 (on
     # sunset_ring).
     assert trained > 0.2 > random_network, (trained, random_network)
+
+
+def test_the_base_row_reads_its_model_with_the_overrides(random_world, tmp_path):
+    """A base pretrained with two heads (configs/miniworld/two-heads.yaml) is evaluated with
+    --overrides model.params.unet_config.params.num_heads=2; the untrained base row must use them too."""
+    from ldm.modules.attention import CrossAttention
+
+    args = ev.build_parser().parse_args(argv(random_world, tmp_path / "out", "--overrides", "model.params.unet_config.params.num_heads=2"))
+    evaluation = ev.prepare(args)
+    (job,) = [job for job in ev.concept_jobs(evaluation.concepts[0], evaluation) if job.method.name == "base"]
+    model = ev.load_method_model(job, evaluation, None)
+    assert {m.heads for m in model.modules() if isinstance(m, CrossAttention)} == {2}
