@@ -96,7 +96,10 @@ def world_sampler(world: DictConfig) -> WorldSampler:
         specs = sorted(Path(ROOT / folder).glob("*.yaml"))
         if not specs:
             raise UsageError(f"world.reserved_concepts: no concept specs (*.yaml) in {folder}")
-        reserved = tuple(ConceptSpec.load(path).object for path in specs)
+        try:
+            reserved = tuple(ConceptSpec.load(path).object for path in specs)
+        except ValueError as err:
+            raise UsageError(f"world.reserved_concepts: {err}") from None
     return WorldSampler(composite_probability=probability, reserved=reserved)
 
 
@@ -463,13 +466,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "train-classifier":
             train_classifier_command(args, "python scripts/miniworld.py " + " ".join(argv))
             return 0
-        missing = [path for path in args.config if not Path(path).is_file()]
-        if missing:
-            raise UsageError(f"recipe not found: {', '.join(missing)}")
-        bad = [o for o in args.overrides if "=" not in o]
+        # --config takes several files, so overrides written after them land in its list.
+        files = [word for word in args.config if "=" not in word]
+        overrides = [word for word in args.config if "=" in word] + args.overrides
+        missing = [path for path in files if not Path(path).is_file()]
+        if missing or not files:
+            raise UsageError(f"recipe not found: {', '.join(missing) or 'no recipe file given'}")
+        bad = [o for o in overrides if "=" not in o]
         if bad:
             raise UsageError(f"overrides look like diffusion.steps=100, got '{bad[0]}'")
-        recipe = OmegaConf.merge(*(OmegaConf.load(path) for path in args.config), OmegaConf.from_dotlist(args.overrides))
+        recipe = OmegaConf.merge(*(OmegaConf.load(path) for path in files), OmegaConf.from_dotlist(overrides))
         pretrain(recipe, args.stage, "python scripts/miniworld.py " + " ".join(argv))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

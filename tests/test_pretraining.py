@@ -117,14 +117,18 @@ def test_make_concept_bad_spec_is_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "unknown shape 'blob'" in err and "\n" not in err
 
 
-def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
+def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path, capsys):
     """Both stages for a few steps on 32 scenes; the result loads through the SD base loader."""
     overrides = [
         "model_config=configs/vico-tiny.yaml", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
         "scenes=32", "autoencoder.scenes=32", "autoencoder.steps=2", "autoencoder.batch_size=8",
         "diffusion.steps=2", "diffusion.batch_size=8",
     ]  # fmt: skip
-    assert miniworld.main(["pretrain", *overrides]) == 0
+    overlay = tmp_path / "overlay.yaml"  # recipe files merge in order, then the overrides
+    overlay.write_text("diffusion:\n  snr_gamma: 4.0\n  steps: 7\n")
+    assert miniworld.main(["pretrain", "--config", str(miniworld.DEFAULT_RECIPE), str(overlay), *overrides]) == 0
+    recipe = json.loads((tmp_path / "out" / "pretraining.json").read_text())["recipe"]
+    assert recipe["diffusion"]["snr_gamma"] == 4.0 and recipe["diffusion"]["steps"] == 2
     # The recipe's world draws composites, none with a reserved concept's look; the cache says which world.
     (scenes,) = (tmp_path / "cache").glob("scenes-32-seed0-composite0.4-reserved*.npz")
     captions = [str(c) for c in np.load(scenes)["captions"]]
@@ -151,7 +155,12 @@ def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path):
     unet = [k for k in first_round if k.startswith("model.diffusion_model.")]
     assert all(torch.equal(first_round[k], second_round[k]) for k in unet)  # learning rate 0: the round continued from the file
     assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"diffusion.init_from={tmp_path / 'none.safetensors'}"]) == 2
+    assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"world.reserved_concepts={tmp_path / 'cache'}"]) == 2
+    # a folder whose YAML is not a concept spec (the overlay above) is a one-line error too
+    capsys.readouterr()
     assert miniworld.main(["pretrain", "--stage", "ldm", *overrides, f"world.reserved_concepts={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: world.reserved_concepts: ") and "unknown field 'diffusion'" in err and err.count("\n") == 1, err
 
 
 def test_model_config_files_merge_in_order_and_two_heads_keep_the_file_layout():
