@@ -151,9 +151,14 @@ def loader(dataset, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
 
 
+def config_paths(value: str | Sequence[str]) -> list[str]:
+    """A recipe's ``model_config``: one path, or a list of paths merged in order."""
+    return [value] if isinstance(value, str) else list(value)
+
+
 def load_model_config(paths: str | Sequence[str]) -> DictConfig:
     """The ``model`` section of a config file, or of several merged in order (as ``main.py --base``)."""
-    paths = [paths] if isinstance(paths, str) else list(paths)
+    paths = config_paths(paths)
     missing = [str(p) for p in paths if not (ROOT / p).is_file()]
     if missing:
         raise UsageError(f"model config not found: {', '.join(missing)}")
@@ -321,8 +326,7 @@ def pretrain(recipe: DictConfig, stage: str, command: str) -> Path:
             torch=torch.__version__,
             machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads {recipe.threads}",
         )
-        config_files = recipe.model_config if isinstance(recipe.model_config, str) else " ".join(recipe.model_config)
-        metadata = {"format": BASE_FORMAT, "config": config_files, "seed": str(recipe.seed), "command": command}
+        metadata = {"format": BASE_FORMAT, "config": " ".join(config_paths(recipe.model_config)), "seed": str(recipe.seed), "command": command}
         write_base(trained["model"], output / "base.safetensors", metadata)
         curves = (("autoencoder", "autoencoder", "vae/l1"), ("diffusion", f"diffusion-round{len(rounds)}", "ldm/mse"))
         for log, name, column in curves:
