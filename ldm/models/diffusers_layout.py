@@ -17,6 +17,15 @@ and its inverse), written from their mapping tables:
   CompVis' 1x1 convolutions ``q, k, v, proj_out``.
 * Text encoder: transformers' ``CLIPTextModel`` keys, with or without the ``text_model.`` level,
   under ``cond_stage_model.transformer.text_model.``.
+* SD 2.x text encoder (:func:`open_clip_text_encoder_to_compvis`): diffusers converts the OpenCLIP
+  ViT-H/14 text tower into a transformers ``CLIPTextModel`` (``hidden_act: gelu``) holding only the
+  layers up to the penultimate one (23 of 24) and neither ``text_projection`` nor ``logit_scale``;
+  the rules back to open_clip's names (``cond_stage_model.model.``) are the inverse of diffusers'
+  ``convert_open_clip_checkpoint``: ``layer_norm1/2`` are ``ln_1/2``, ``mlp.fc1/fc2`` are
+  ``mlp.c_fc/c_proj``, ``self_attn.{q,k,v}_proj`` are stacked (q, k, v) into ``attn.in_proj_*``.
+  :func:`ldm.util.read_diffusers_folder` does not call it yet: an SD 2.x folder's text encoder is
+  read with the SD v1 rules, and lacks the last layer and the projection that our
+  ``FrozenOpenCLIPEmbedder`` holds (unused at ``layer: penultimate``).
 
 Unknown keys keep their name under the part's CompVis prefix, so that the usual key check
 reports them (missing keys are errors, extra ones are logged).
@@ -26,11 +35,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 TEXT_PREFIX = "cond_stage_model.transformer.text_model."
+OPEN_CLIP_TEXT_PREFIX = "cond_stage_model.model."
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0",
@@ -62,6 +73,21 @@ _VAE_ATTENTION = {
 }
 #: Linear projections of the VAE's mid attention, 1x1 convolutions in CompVis.
 _VAE_CONV_PROJECTIONS = frozenset({"q", "k", "v", "proj_out"})
+_OPEN_CLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+    "self_attn.out_proj": "attn.out_proj",
+}
+_CLIP_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)$")
+_CLIP_QKV = re.compile(r"^self_attn\.([qkv])_proj\.(weight|bias)$")
 
 _BLOCK = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)$")
 _SAMPLER = re.compile(r"^(down|up)_blocks\.(\d+)\.(downsamplers|upsamplers)\.0\.conv\.(.+)$")
@@ -161,3 +187,35 @@ def vae_to_compvis(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
 def text_encoder_to_compvis(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A transformers ``CLIPTextModel`` state dict under CompVis names."""
     return {TEXT_PREFIX + text_encoder_key(k): v for k, v in state_dict.items()}
+
+
+def open_clip_text_encoder_to_compvis(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """An SD 2.x diffusers ``text_encoder`` (transformers ``CLIPTextModel``) under open_clip's
+    names (``cond_stage_model.model.*``), as :class:`FrozenOpenCLIPEmbedder` holds them.
+
+    The query, key and value projections of a layer become one ``attn.in_proj_weight`` /
+    ``in_proj_bias`` (rows q, k, v, as ``nn.MultiheadAttention`` stacks them); a layer that
+    lacks one of the three keeps the ones it has under their own names, so that the key check
+    reports the missing ``in_proj`` key. What diffusers dropped (the last layer,
+    ``text_projection``, ``logit_scale``) is not invented here.
+    """
+    converted: dict[str, Tensor] = {}
+    projections: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix("text_model.")
+        if name in _OPEN_CLIP_TOP:
+            name = _OPEN_CLIP_TOP[name]
+        elif match := _CLIP_LAYER.match(name):
+            layer, rest = int(match.group(1)), match.group(2)
+            if qkv := _CLIP_QKV.match(rest):
+                projections.setdefault((layer, qkv.group(2)), {})[qkv.group(1)] = value
+                continue
+            name = f"transformer.resblocks.{layer}.{_rename_layer(rest, _OPEN_CLIP_LAYER)}"
+        converted[OPEN_CLIP_TEXT_PREFIX + name] = value
+    for (layer, leaf), parts in sorted(projections.items()):
+        block = f"{OPEN_CLIP_TEXT_PREFIX}transformer.resblocks.{layer}.attn."
+        if set(parts) == {"q", "k", "v"}:
+            converted[f"{block}in_proj_{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+        else:
+            converted.update({f"{block}{p}_proj.{leaf}": v for p, v in parts.items()})
+    return converted
