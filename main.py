@@ -30,15 +30,25 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
+from lightning_fabric.plugins import CheckpointIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ldm.callbacks import AtomicCheckpointIO, CheckpointWriteError, ImageLogger, StepProgressBar, ViCoCheckpoint
+from ldm.callbacks import (
+    AtomicCheckpointIO,
+    CheckpointWriteError,
+    ImageLogger,
+    NonFiniteTraining,
+    StepProgressBar,
+    StopOnNonFiniteLoss,
+    ViCoCheckpoint,
+)
 from ldm.config_schema import ConfigError, accepted_parameters, check_instantiable, check_keys, check_parameters
 from ldm.data.images import ImageError
 from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
+from ldm.trust import check_merged_targets, check_run_folder_layout, resume_values
 from ldm.util import (
     CheckpointError,
     check_stored_config,
@@ -209,7 +219,8 @@ def find_resume(resume: str) -> Resume:
         raise UsageError(f"cannot resume: {run} has no configs/*.yaml, so it is not a run folder written by main.py")
     if not checkpoint.is_file():
         raise UsageError(f"cannot resume: {checkpoint} not found")
-    return Resume(run, checkpoint, [read_stored_config(path, run) for path in configs])
+    check_run_folder_layout(run)
+    return Resume(run, checkpoint, [resume_values(read_stored_config(path, run), path) for path in configs])
 
 
 def read_yaml(path: Path) -> DictConfig:
@@ -274,10 +285,10 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | 
         raise UsageError("give a config with --base (e.g. configs/vico.yaml) or a run to resume with -r")
     for bad in [b for b in opt.base if not Path(b).is_file()]:
         raise UsageError(f"config not found: {bad}")
-    configs = [*(resume.configs if resume else []), *(read_yaml(Path(p)) for p in opt.base)]
+    users_own = [read_yaml(Path(p)) for p in opt.base]
     try:
         dotlist = OmegaConf.from_dotlist(overrides)
-        config = OmegaConf.merge(*configs, dotlist)
+        config = OmegaConf.merge(*(resume.configs if resume else []), *users_own, dotlist)
     except (OmegaConfBaseException, yaml.YAMLError) as err:
         raise UsageError(f"cannot apply the overrides {overrides}: {str(err).splitlines()[0]}") from None
     if opt.actual_resume is not None:
@@ -299,6 +310,8 @@ def load_config(opt: argparse.Namespace, overrides: list[str], resume: Resume | 
     seed = opt.seed if opt.seed is not None else config.get("seed", DEFAULT_SEED)
     config.seed = seed
     OmegaConf.update(config, "data.params.train.params.seed", seed)
+    if resume is not None:  # a run folder's values, merged with the user's: check what would be built
+        check_merged_targets(config, OmegaConf.merge(*users_own, dotlist))
     return config
 
 
@@ -482,13 +495,27 @@ def portable(config: DictConfig, logdir: Path) -> DictConfig:
     return config
 
 
+def config_path(logdir: Path, session: str) -> Path:
+    return logdir / "configs" / f"{session}-project.yaml"
+
+
 def write_config(config: DictConfig, logdir: Path, session: str) -> None:
-    path = logdir / "configs" / f"{session}-project.yaml"
+    """The run's config, resolved (a stored config names its classes literally)."""
+    path = config_path(logdir, session)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(portable(config, logdir), path)
+        OmegaConf.save(portable(config, logdir), path, resolve=True)
     except OSError as err:
         raise UsageError(f"cannot write to the run folder {logdir}: {err.strerror or err}") from None
+
+
+def remove_leftovers(logdir: Path) -> None:
+    """Temporary files of writes that a ``kill -9`` cut short (``.last.ckpt.*.tmp``); the
+    files they were replacing are whole (:func:`ldm.util.write_atomically`)."""
+    for leftover in (logdir / "checkpoints").glob(".*.tmp"):
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink(missing_ok=True)
+            logger.info("removed %s, left by an interrupted write", leftover)
 
 
 def copy_into(source: Path, folder: Path) -> Path:
@@ -549,6 +576,7 @@ def build_callbacks(lightning: DictConfig, logdir: Path, session: str, enable_pr
     nodes = [("modelcheckpoint", lightning.modelcheckpoint)]
     nodes += [("callbacks", node) for node in lightning.callbacks.values() if node is not None]
     callbacks = [instantiate_from_config(_with_run_paths(node, logdir, session, "", group)) for group, node in nodes]
+    callbacks.append(StopOnNonFiniteLoss())
     return [*callbacks, StepProgressBar()] if enable_progress_bar else callbacks
 
 
@@ -567,9 +595,9 @@ def build_trainer(
         "use_distributed_sampler": False,
         "default_root_dir": str(logdir),
         "max_epochs": -1,
-        "plugins": [AtomicCheckpointIO()],
         **OmegaConf.to_container(lightning.trainer, resolve=True),
     }
+    params["plugins"] = with_atomic_checkpoints(params.get("plugins"))
     if params.get("precision") is None:
         params["precision"] = default_precision(accelerator)
         logger.info("lightning.trainer.precision not set: training in %s", params["precision"])
@@ -577,6 +605,18 @@ def build_trainer(
     params["logger"] = build_loggers(lightning, logdir, session, logdir.name) if use_loggers else False
     params["callbacks"] = build_callbacks(lightning, logdir, session, params.get("enable_progress_bar", True) is not False)
     return pl.Trainer(**params)
+
+
+def with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """The configured plugins with :class:`AtomicCheckpointIO` added: checkpoints are always
+    written atomically and read with the safe reader, whatever ``lightning.trainer.plugins`` says."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    for plugin in plugins:
+        if isinstance(plugin, CheckpointIO) and not isinstance(plugin, AtomicCheckpointIO):
+            raise UsageError(f"lightning.trainer.plugins: {type(plugin).__name__} would replace the atomic checkpoint writer")
+    if not any(isinstance(plugin, AtomicCheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def default_precision(accelerator: str) -> str:
@@ -682,6 +722,8 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
     new_random_base = bool(config.get("random_base", False)) and not OmegaConf.select(config, BASE_CKPT)
     logdir, created = choose_run_folder(opt, config, resume, session)
     is_rank_zero = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    if is_rank_zero and not created:
+        remove_leftovers(logdir)
     try:
         if new_random_base:
             OmegaConf.update(config, BASE_CKPT, str(logdir / RANDOM_BASE))
@@ -695,6 +737,8 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
     except BaseException:
         if created:
             shutil.rmtree(logdir, ignore_errors=True)
+        elif is_rank_zero:  # a failed in-place resume leaves the folder as it found it
+            config_path(logdir, session).unlink(missing_ok=True)
         raise
     model.seed = config.seed
     model.learning_rate = learning_rate(config, opt, devices[1])
@@ -765,6 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointWriteError as err:
         print(f"error: {err}; the run stopped", file=sys.stderr)
+        return 1
+    except NonFiniteTraining as err:
+        print(f"error: {err}; the run stopped, and its last checkpoint is the last finite state "
+              f"(lower the learning rate or use lightning.trainer.precision=32)", file=sys.stderr)
         return 1
     except Interrupted as err:
         logger.warning("%s", err)

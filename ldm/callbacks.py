@@ -21,6 +21,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import sample_prompt
 from ldm.models.export import DEFAULT_FORMATS, EXPORT_FORMATS, export_trained
 from ldm.models.loading import save_adapter
+from ldm.trust import confined_checkpoint_path
 from ldm.util import read_checkpoint, write_atomically
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 # ------------------------------------------------------------------ writing files
 class CheckpointWriteError(RuntimeError):
     """A checkpoint or export could not be written (full disk, lost mount); the previous file is intact."""
+
+
+class NonFiniteTraining(RuntimeError):
+    """The loss or the trained weights became NaN or infinite; nothing non-finite was saved."""
 
 
 def write_file(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
@@ -72,6 +77,11 @@ class ViCoCheckpoint(ModelCheckpoint):
     Lightning saves ``last.ckpt`` at the end of training only when nothing was saved before;
     here the final step is always saved, and a ``KeyboardInterrupt`` saves the state it
     interrupted (then :attr:`interrupted_at` holds the step).
+
+    A save overwrites its file (no ``last-v1.ckpt`` beside a ``last.ckpt`` that a moved run's
+    state does not know), and the file names restored from a checkpoint are re-rooted in this
+    run's checkpoint folder (:func:`ldm.trust.confined_checkpoint_path`): Lightning deletes a
+    "previous best" it reads from the state, and that state may come from someone else.
     """
 
     def __init__(
@@ -82,6 +92,7 @@ class ViCoCheckpoint(ModelCheckpoint):
         save_last: bool = True,
         filename: str = "step={step:06d}",
         auto_insert_metric_name: bool = False,
+        enable_version_counter: bool = False,
         **kwargs: Any,
     ):
         super().__init__(
@@ -91,9 +102,33 @@ class ViCoCheckpoint(ModelCheckpoint):
             save_last=save_last,
             filename=filename,
             auto_insert_metric_name=auto_insert_metric_name,
+            enable_version_counter=enable_version_counter,
             **kwargs,
         )
         self.interrupted_at: int | None = None
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        step = trainer.global_step
+        if not all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters() if p.requires_grad):
+            raise NonFiniteTraining(f"the trained weights are not finite after step {step}; {Path(filepath).name} was not overwritten")
+        super()._save_checkpoint(trainer, filepath)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        def confined(path: Any) -> str:
+            return confined_checkpoint_path(path, self.dirpath, self.FILE_EXTENSION)
+
+        best_k_models = state_dict.get("best_k_models") or {}
+        super().load_state_dict(
+            {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": confined(state_dict.get("best_model_path")),
+                "kth_best_model_path": confined(state_dict.get("kth_best_model_path")),
+                "last_model_path": confined(state_dict.get("last_model_path")),
+                "best_model_score": state_dict.get("best_model_score"),
+                "best_k_models": {confined(k): v for k, v in best_k_models.items() if confined(k)},
+            }
+        )
 
     @property
     def last_path(self) -> Path:
@@ -111,6 +146,15 @@ class ViCoCheckpoint(ModelCheckpoint):
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             trainer.save_checkpoint(self.last_path, weights_only=False)  # resumable: optimizer and loops too
             self._last_global_step_saved = trainer.global_step
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stop before a NaN or infinite loss reaches the weights (a NaN learning rate, an fp16
+    overflow), so the last checkpoint on disk stays the last finite one."""
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise NonFiniteTraining(f"the loss is {loss.detach().float().sum().item()} at step {trainer.global_step}")
 
 
 class TrainedWeightsExport(pl.Callback):

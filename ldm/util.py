@@ -91,6 +91,25 @@ def is_trusted_target(target: Any) -> bool:
     return isinstance(obj, type) and obj.__module__.split(".")[0] == "ldm"
 
 
+def _interpolated_targets(node: DictConfig | ListConfig, path: str = "") -> Iterable[str]:
+    """Dotted paths in ``node`` where an interpolation (``${...}``) gives a ``target`` or a
+    section that may hold one: values from elsewhere that would decide what is built."""
+    keys: Iterable[Any] = node.keys() if isinstance(node, DictConfig) else range(len(node))
+    for key in keys:
+        where = f"{path}.{key}" if path else str(key)
+        if OmegaConf.is_interpolation(node, key):
+            try:
+                value = node[key]
+            except OmegaConfBaseException:
+                continue  # reported when the config is resolved
+            if key == "target" or isinstance(value, (DictConfig, ListConfig)):
+                yield where
+            continue
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
+            yield from _interpolated_targets(child, where)
+
+
 def _config_targets(node: Any) -> Iterable[Any]:
     if isinstance(node, Mapping):
         if "target" in node:
@@ -113,6 +132,10 @@ def check_stored_config(config: Any, source: str | Path) -> None:
         UntrustedConfigError: one line naming the file and the refused target.
     """
     if isinstance(config, (DictConfig, ListConfig)):
+        for where in _interpolated_targets(config):
+            raise UntrustedConfigError(
+                f"{source}: {where} is an interpolation that decides what is built; a stored config must name its classes literally"
+            )
         try:
             config = OmegaConf.to_container(config, resolve=True)
         except OmegaConfBaseException as err:

@@ -224,16 +224,22 @@ def train_diffusion(recipe: DictConfig, model_config: DictConfig, images: np.nda
     torch.manual_seed(recipe.seed)
     model = build_base_model(model_config)
     autoencoder_file = Path(recipe.cache_dir) / "autoencoder.safetensors"
-    if not autoencoder_file.is_file():
+    init_from = settings.get("init_from")
+    if not autoencoder_file.is_file() and not init_from:
         raise UsageError(f"no trained autoencoder at {autoencoder_file}: run --stage vae first")
-    if settings.get("init_from"):
-        # A further round from an earlier base file: its UNet and text encoder (the autoencoder,
-        # loaded next, is the cached one that base was trained on).
-        init = Path(settings.init_from)
+    if init_from:
+        # A further round from an earlier base file: its UNet and text encoder, and its
+        # autoencoder unless the cache holds the one that base was trained on (a fresh checkout
+        # continuing the shipped base has only the base file: its fp16 autoencoder is the one
+        # every sample of that base was decoded with).
+        init = Path(init_from)
         if not init.is_file():
             raise UsageError(f"diffusion.init_from: no base model at {init}")
         model.load_base_checkpoint(str(init))
-    model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
+    if autoencoder_file.is_file():
+        model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
+    else:
+        logger.info("no cached autoencoder at %s: keeping the one in %s", autoencoder_file, init_from)
     mean, std = encode_scenes(model, images)
     tokens = model.cond_stage_model.tokenizer(captions)
     empty = model.cond_stage_model.tokenizer([""])[0]
