@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from ldm.modules.attention import CrossAttention
 from ldm.modules.diffusionmodules.openaimodel import UNetModel
-from ldm.modules.vico import ReferenceCondition, attention_regularizer, otsu_mask
+from ldm.evaluation.miniworld_metrics import downsample_mask
+from ldm.modules.vico import ReferenceCondition, attention_regularizer, grid_mask, otsu_mask
 
 TINY_UNET = dict(
     in_channels=4,
@@ -76,6 +78,31 @@ def test_reference_changes_the_prediction():
     unet = tiny_unet()
     x, t, context = inputs(2)
     assert not torch.allclose(unet(x, t, context, make_reference(2)), unet(x, t, context))
+
+
+# ------------------------------------------------------------------ given object masks (true-mask switch)
+def test_given_object_masks_equal_to_the_otsu_masks_change_nothing():
+    """The true-mask path is the Otsu path when the masks agree, and a different mask changes the output."""
+    unet = tiny_unet(layers=[4])
+    x, t, context = inputs(2)
+    recorded = make_reference(2, record_attention=True)
+    expected = unet(x, t, context, recorded)
+    (record,) = recorded.attention_records
+    cells = record.mask.reshape(-1, record.height, record.width)
+    pixels = cells.repeat_interleave(8 // record.height, 1).repeat_interleave(8 // record.width, 2)
+    assert torch.equal(unet(x, t, context, make_reference(2, object_mask=pixels)), expected)
+    assert not record.mask.all()
+    everything = torch.ones_like(pixels)
+    assert not torch.allclose(unet(x, t, context, make_reference(2, object_mask=everything)), expected)
+
+
+def test_grid_mask_is_the_metrics_downsampling():
+    masks = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) > 0.6
+    for size in (1, 2, 4, 8, 16):
+        expected = [downsample_mask(m.numpy(), size, size).reshape(-1) for m in masks]
+        assert torch.equal(grid_mask(masks, size, size), torch.tensor(np.stack(expected)))
+    with pytest.raises(ValueError, match="does not divide"):
+        grid_mask(masks, 3, 3)
 
 
 def test_regulariser_collected_once_per_patched_layer():

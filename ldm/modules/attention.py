@@ -13,7 +13,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm.modules.diffusionmodules.util import normalization, zero_module
-from ldm.modules.vico import MASK_MODES, AttentionRecord, MaskMode, ReferenceCondition, attention_regularizer, otsu_mask
+from ldm.modules.vico import (
+    MASK_MODES,
+    AttentionRecord,
+    MaskMode,
+    ReferenceCondition,
+    attention_regularizer,
+    grid_mask,
+    otsu_mask,
+)
 
 
 class GEGLU(nn.Module):
@@ -278,6 +286,8 @@ class SpatialTransformer(nn.Module):
             reference.attention_records.append(
                 AttentionRecord(self.layer_index, placeholder_map.detach(), mask, height, width)
             )
+        if reference.object_mask is not None:
+            mask = grid_mask(reference.object_mask, height, width)
         groups = reference.num_groups
         grouped_tokens = reference_tokens.reshape(groups, -1, reference_tokens.shape[-1])
         grouped_mask = None if self.image_attention_mask == "none" else mask.reshape(groups, -1)

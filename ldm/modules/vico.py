@@ -52,6 +52,11 @@ class ReferenceCondition:
             token axis in the image attention (paper, Appendix C).
         compute_regularizer: collect Eq. 6 in :attr:`regularizer_terms` (training).
         record_attention: collect :class:`AttentionRecord` s in :attr:`attention_records`.
+        object_mask: ``[G * K, H, W]`` given object masks of the references (True or 1 on the
+            object, any resolution that divides into every patched layer's grid). When set, the
+            image attention is masked by them instead of by the Otsu mask of the S* map (the
+            paper's Fig. 9 comparison with ground-truth masks); the records still hold the Otsu
+            masks, so both can be scored against the truth.
     """
 
     latent: torch.Tensor
@@ -62,6 +67,7 @@ class ReferenceCondition:
     references_per_group: int = 1
     compute_regularizer: bool = False
     record_attention: bool = False
+    object_mask: torch.Tensor | None = None
     regularizer_terms: list[torch.Tensor] = field(default_factory=list)
     attention_records: list[AttentionRecord] = field(default_factory=list)
 
@@ -80,7 +86,8 @@ class ReferenceCondition:
             raise ValueError(
                 f"noisy batch of {batch_size} does not split into {self.num_groups} reference groups"
             )
-        for name in ("context", "placeholder_index", "eot_index"):
+        names = ("context", "placeholder_index", "eot_index") + (("object_mask",) if self.object_mask is not None else ())
+        for name in names:
             if getattr(self, name).shape[0] != n:
                 raise ValueError(f"reference {name} has batch {getattr(self, name).shape[0]}, expected {n}")
         if self.timesteps is None and n != batch_size:
@@ -138,6 +145,17 @@ def otsu_mask(attention_map: torch.Tensor, num_thresholds: int = 10) -> torch.Te
     threshold = thresholds[between.argmax(dim=-1)].unsqueeze(-1)
     mask = (normalised >= threshold) & (normalised > 0)
     return mask | constant
+
+
+def grid_mask(object_mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pixel masks ``[N, H, W]`` on a ``height x width`` grid of equal cells, flattened to
+    ``[N, height * width]``: a cell is object when at least half of its pixels are (an area
+    average, as :func:`ldm.evaluation.miniworld_metrics.downsample_mask` scores masks)."""
+    rows, columns = object_mask.shape[-2:]
+    if rows % height or columns % width:
+        raise ValueError(f"a {rows}x{columns} object mask does not divide into a {height}x{width} grid")
+    cells = object_mask.float().reshape(-1, height, rows // height, width, columns // width)
+    return (cells.mean(dim=(2, 4)) >= 0.5).flatten(1)
 
 
 def attention_regularizer(placeholder_map: torch.Tensor, eot_map: torch.Tensor) -> torch.Tensor:

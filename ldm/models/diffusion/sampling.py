@@ -48,11 +48,15 @@ class SamplingReference:
             (multi-object composition: each concept's reference is masked by its own
             placeholder's map); ``None`` (for all, or for one reference) takes the prompt's first
             placeholder.
+        object_masks: optional ``[K, H, W]`` object masks of the references: the image
+            attention is masked by them instead of by the Otsu masks (``true-mask`` analysis,
+            paper Fig. 9; :class:`ldm.modules.vico.ReferenceCondition`).
     """
 
     latents: Tensor
     tokens: Tensor
     placeholders: Sequence[str | None] | None = None
+    object_masks: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.latents.ndim != 4:
@@ -60,6 +64,8 @@ class SamplingReference:
         self.tokens = self.tokens.reshape(-1)
         if self.placeholders is not None and len(self.placeholders) != self.num_references:
             raise ValueError(f"{len(self.placeholders)} placeholders for {self.num_references} references")
+        if self.object_masks is not None and (self.object_masks.ndim != 3 or len(self.object_masks) != self.num_references):
+            raise ValueError(f"object masks must be [K, H, W] for {self.num_references} references, got {list(self.object_masks.shape)}")
 
     @property
     def num_references(self) -> int:
@@ -155,6 +161,7 @@ def sample_prompt(
     verbose: bool = False,
     negative_prompt: str = "",
     reference_placeholders: Sequence[str | None] | None = None,
+    reference_object_masks: Tensor | None = None,
 ) -> tuple[Tensor, dict]:
     """Sample ``n_samples`` images of one prompt with shared references.
 
@@ -167,6 +174,8 @@ def sample_prompt(
             (empty: plain guidance), which the guided prediction moves away from.
         reference_placeholders: per reference, the placeholder whose map masks it
             (:class:`SamplingReference`); ``None``: the prompt's placeholder for all.
+        reference_object_masks: ``[K, H, W]`` object masks that replace the Otsu masks
+            (:class:`SamplingReference`); ``None``: the Otsu masks, as the method does.
 
     Returns:
         The decoded images ``[n_samples, 3, H, W]``, clamped to the image range [-1, 1], and
@@ -178,7 +187,9 @@ def sample_prompt(
         batch_size=n_samples,
         shape=latent_shape,
         conditioning=model.get_learned_conditioning(tokens),
-        reference=None if reference_latents is None else SamplingReference(reference_latents, tokens[0], reference_placeholders),
+        reference=None
+        if reference_latents is None
+        else SamplingReference(reference_latents, tokens[0], reference_placeholders, reference_object_masks),
         unconditional_guidance_scale=scale,
         unconditional_conditioning=model.get_learned_conditioning([negative_prompt]) if scale != 1.0 else None,
         eta=eta,
@@ -425,6 +436,8 @@ class GuidedDenoiser:
         self.reference_context = torch.cat([row.expand(k, *row.shape[1:]) for row in branch_rows])
         self.placeholder_index = placeholder_index.repeat(len(branch_rows))
         self.eot_index = eot_index.repeat(rows)
+        masks = reference.object_masks
+        self.object_mask = None if masks is None else masks.to(device).repeat(len(branch_rows), 1, 1)
 
     def reference_condition(self, t: Tensor, record_attention: bool = False) -> ReferenceCondition | None:
         """The shared reference condition of a step at timestep ``t`` (0-dim tensor)."""
@@ -438,6 +451,7 @@ class GuidedDenoiser:
             timesteps=t.expand(self.reference_latent.shape[0]),
             references_per_group=self.references_per_group,
             record_attention=record_attention,
+            object_mask=self.object_mask,
         )
 
     def model_output(self, x: Tensor, t: Tensor, records: list[AttentionRecord] | None = None) -> Tensor:
