@@ -327,6 +327,25 @@ def test_unet_with_image_attention_and_no_reference_is_plain_sd(sd1, groupnorm_k
     assert relative_error(with_reference, without) > 1e-3
 
 
+def test_attention_with_explicit_probabilities_equals_diffusers(sd1):
+    """The reference stream's attention (``return_probs=True``: an explicit softmax, whose
+    head-averaged probabilities give ViCo's S* map and Otsu mask) against diffusers' cross-attention
+    and its ``get_attention_scores``. The UNet comparisons run the SDPA path only. Its logits are
+    computed in float32 whatever the input, hence the float32 tolerance."""
+    ours = sd1.our_unet.input_blocks[1][1].transformer_blocks[0].attn2
+    theirs = sd1.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2
+    generator = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 64, ours.to_q.in_features, generator=generator)
+    context = torch.randn(2, 77, CONTEXT_DIM, generator=generator)
+    with torch.no_grad():
+        out, probs = ours(x, context, return_probs=True)
+        expected = theirs(x, encoder_hidden_states=context)
+        query, key = theirs.head_to_batch_dim(theirs.to_q(x)), theirs.head_to_batch_dim(theirs.to_k(context))
+        expected_probs = theirs.get_attention_scores(query, key).reshape(2, theirs.heads, 64, 77).mean(1)
+    assert_close(out, expected, FLOAT32_RTOL, "attention output with explicit probabilities")
+    assert_close(probs, expected_probs, FLOAT32_RTOL, "head-averaged attention probabilities")
+
+
 def test_sd1_vae_equals_diffusers(sd1):
     """Posterior mean and std of ``encode``, and ``decode``, in float64 and float32."""
     generator = torch.Generator().manual_seed(7)
@@ -469,3 +488,13 @@ def test_published_sd2_diffusers_layout_maps_onto_the_sd2_checkpoint():
     assert sorted(set(converted) - set(expected)) == []
     assert sorted(set(expected) - set(converted)) == sorted(dropped)
     assert {k: (v, expected[k]) for k, v in converted.items() if v != expected[k]} == {}
+
+
+def test_open_clip_mapping_leaves_an_incomplete_attention_to_the_key_check():
+    """A layer without all three of q, k, v gets no ``in_proj`` (the key check then names it missing)."""
+    layer = "text_model.encoder.layers.0.self_attn."
+    converted = diffusers_layout.open_clip_text_encoder_to_compvis(
+        {f"{layer}q_proj.weight": torch.zeros(2, 2), f"{layer}k_proj.weight": torch.ones(2, 2)}
+    )
+    block = f"{diffusers_layout.OPEN_CLIP_TEXT_PREFIX}transformer.resblocks.0.attn."
+    assert sorted(converted) == [f"{block}k_proj.weight", f"{block}q_proj.weight"]
