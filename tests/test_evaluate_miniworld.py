@@ -2,7 +2,7 @@
 
 The tests of the claims (the base model draws what a prompt names; a short ViCo run raises
 object fidelity above the base model's; its S* mask finds the object) need the pretrained
-``models/miniworld/base.safetensors`` and the shipped world classifier; they skip without them.
+``models/miniworld/base.safetensors`` and the shipped world classifier; they fail without them.
 """
 from __future__ import annotations
 
@@ -32,10 +32,8 @@ SHIPPED_BASE = ROOT / "models" / "miniworld" / "base.safetensors"
 SHIPPED_CLASSIFIER = ROOT / "models" / "miniworld" / "classifier.safetensors"
 SPEC = ROOT / "configs" / "miniworld" / "concepts" / "sunset_ring.yaml"
 CONCEPT = "sunset_ring"
-needs_pretrained = pytest.mark.skipif(
-    not (SHIPPED_BASE.is_file() and SHIPPED_CLASSIFIER.is_file()),
-    reason="needs the pretrained base model and world classifier in models/miniworld/ (scripts/miniworld.py pretrain, train-classifier)",
-)
+#: The shipped base and classifier: a missing one fails the test (tests/conftest.py).
+needs_pretrained = pytest.mark.usefixtures("shipped_miniworld_models")
 
 
 @pytest.fixture(autouse=True)

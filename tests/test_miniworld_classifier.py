@@ -156,7 +156,7 @@ def test_autoencoder_round_trip_is_the_first_stage_s_reconstruction(tmp_path):
     assert np.abs(out.astype(int) - ((expected + 1) * 127.5).round().movedim(1, -1).numpy()).max() <= 1
 
 
-@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped classifier at models/miniworld/classifier.safetensors")
+@pytest.mark.usefixtures("shipped_miniworld_models")  # a missing shipped file fails (tests/conftest.py)
 def test_shipped_classifier_reads_fresh_renders(tmp_path):
     """Renders of seeds it never saw: every head far above chance, at the level its report states
     (models/miniworld/classifier.json: shape 0.79, notch 0.59, colours 0.99, patterns 0.91, split 0.97,

@@ -15,7 +15,6 @@ from scripts import score_miniworld as score
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCEPT = ROOT / "data" / "miniworld" / "sunset_ring"
-SHIPPED_CLASSIFIER = ROOT / "models" / "miniworld" / "classifier.safetensors"
 
 
 def write_samples(folder: Path, scenes: list[str], per_scene: int = 2) -> None:
@@ -58,7 +57,7 @@ def test_scores_every_sample_per_scene_and_writes_the_table(tmp_path, random_cla
     assert table in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not SHIPPED_CLASSIFIER.is_file(), reason="no shipped classifier at models/miniworld/classifier.safetensors")
+@pytest.mark.usefixtures("shipped_miniworld_models")  # a missing shipped file fails (tests/conftest.py)
 def test_renders_of_the_concept_score_high_with_the_shipped_classifier(tmp_path):
     write_samples(tmp_path / "out", ["beach", "snow", "grass", "night"], per_scene=4)
     assert score.main([str(tmp_path / "out"), "--concept", str(CONCEPT)]) == 0
