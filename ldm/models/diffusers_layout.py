@@ -17,15 +17,17 @@ and its inverse), written from their mapping tables:
   CompVis' 1x1 convolutions ``q, k, v, proj_out``.
 * Text encoder: transformers' ``CLIPTextModel`` keys, with or without the ``text_model.`` level,
   under ``cond_stage_model.transformer.text_model.``.
-* SD 2.x text encoder (:func:`open_clip_text_encoder_to_compvis`): diffusers converts the OpenCLIP
-  ViT-H/14 text tower into a transformers ``CLIPTextModel`` (``hidden_act: gelu``) holding only the
-  layers up to the penultimate one (23 of 24) and neither ``text_projection`` nor ``logit_scale``;
-  the rules back to open_clip's names (``cond_stage_model.model.``) are the inverse of diffusers'
-  ``convert_open_clip_checkpoint``: ``layer_norm1/2`` are ``ln_1/2``, ``mlp.fc1/fc2`` are
-  ``mlp.c_fc/c_proj``, ``self_attn.{q,k,v}_proj`` are stacked (q, k, v) into ``attn.in_proj_*``.
-  :func:`ldm.util.read_diffusers_folder` does not call it yet: an SD 2.x folder's text encoder is
-  read with the SD v1 rules, and lacks the last layer and the projection that our
-  ``FrozenOpenCLIPEmbedder`` holds (unused at ``layer: penultimate``).
+* SD 2.x: the UNet and VAE rules above hold unchanged (linear ``proj_in``/``proj_out`` keep
+  their names and shapes). The text encoder (:func:`open_clip_text_encoder_to_compvis`):
+  diffusers converts the OpenCLIP ViT-H/14 text tower into a transformers ``CLIPTextModel``
+  (``hidden_act: gelu``) holding only the layers up to the penultimate one (23 of 24) and neither
+  ``text_projection`` nor ``logit_scale``; the rules back to open_clip's names
+  (``cond_stage_model.model.``) are the inverse of diffusers' ``convert_open_clip_checkpoint``:
+  ``layer_norm1/2`` are ``ln_1/2``, ``mlp.fc1/fc2`` are ``mlp.c_fc/c_proj``,
+  ``self_attn.{q,k,v}_proj`` are stacked (q, k, v) into ``attn.in_proj_*``.
+  :func:`ldm.util.read_diffusers_folder` does not call it yet: it reads an SD 2.x folder's text
+  encoder with the SD v1 rules (a "missing key" error), and the folder lacks the last layer and
+  the projection that our ``FrozenOpenCLIPEmbedder`` holds (unused at ``layer: penultimate``).
 
 Unknown keys keep their name under the part's CompVis prefix, so that the usual key check
 reports them (missing keys are errors, extra ones are logged).
