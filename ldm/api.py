@@ -146,7 +146,9 @@ def export(vico: ViCo, folder: PathLike, formats: Sequence[str] = ("adapter",), 
     Args:
         formats: any of ``adapter`` (this project's ``adapter-N.safetensors``), ``authors``
             (their ``cross_attention-N.pt`` / ``embeddings_gs-N.pt``), ``textual_inversion``
-            and ``diffusers`` (S* alone, for other tools).
+            and ``diffusers`` (S* alone, for other tools), ``dreambooth`` (the whole model)
+            and ``custom_diffusion`` (diffusers' folder), as far as the model has them
+            (:func:`ldm.models.export.available_formats`).
         step: the training step ``N`` in the file names.
 
     Returns:

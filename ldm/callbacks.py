@@ -19,7 +19,7 @@ from torchvision.utils import make_grid, save_image
 from ldm.config_schema import ConfigError
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling import sample_prompt
-from ldm.models.export import DEFAULT_FORMATS, EXPORT_FORMATS, export_trained
+from ldm.models.export import EXPORT_FORMATS, available_formats, export_trained, method_formats
 from ldm.models.loading import save_adapter
 from ldm.trust import confined_checkpoint_path
 from ldm.util import read_checkpoint, write_atomically
@@ -161,25 +161,37 @@ class TrainedWeightsExport(pl.Callback):
     """At every checkpoint save, write the trained weights alone, small and shareable.
 
     In ``<logdir>/checkpoints/``, for each saved step ``N``: the files of
-    :func:`ldm.models.export.export_trained` in ``formats`` (by default the authors'
-    ``cross_attention-N.pt`` / ``embeddings_gs-N.pt`` pair and S* for Textual Inversion
-    tools), so every saved step stays usable (the paper notes an earlier step may follow
-    prompts better); and ``adapter.safetensors``, the latest step in this project's format.
-    Runs wherever a checkpoint is written, so an interrupted run leaves an export too.
+    :func:`ldm.models.export.export_trained` in ``formats``, by default the community formats
+    of the method (:func:`ldm.models.export.method_formats`: for ViCo the authors'
+    ``cross_attention-N.pt`` / ``embeddings_gs-N.pt`` pair and S* for Textual Inversion tools;
+    DreamBooth's whole model; Custom Diffusion's diffusers folder), so every saved step stays
+    usable (the paper notes an earlier step may follow prompts better); and
+    ``adapter.safetensors``, the latest step in this project's format. Runs wherever a
+    checkpoint is written, so an interrupted run leaves an export too.
 
     Args:
         logdir: run folder.
-        formats: any of :data:`ldm.models.export.EXPORT_FORMATS`; empty: the latest adapter only.
+        formats: any of :data:`ldm.models.export.EXPORT_FORMATS` that the model has (checked
+            when training starts); empty: the latest adapter only; ``None``: the method's.
     """
 
-    def __init__(self, logdir: str, formats: Sequence[str] = DEFAULT_FORMATS):
+    def __init__(self, logdir: str, formats: Sequence[str] | None = None):
         super().__init__()
-        unknown = [name for name in formats if name not in EXPORT_FORMATS]
+        unknown = [name for name in formats or () if name not in EXPORT_FORMATS]
         if unknown:
             raise ConfigError(f"unknown export format '{unknown[0]}'; choose from {', '.join(EXPORT_FORMATS)}")
         self.folder = Path(logdir) / "checkpoints"
-        self.formats = tuple(formats)
+        self.formats = None if formats is None else tuple(formats)
         self.exported_step: int | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Refuse, before the first step, formats asked for that the model has nothing for."""
+        missing = [name for name in self.formats or () if name not in available_formats(pl_module)]
+        if missing:
+            raise ConfigError(
+                f"lightning.callbacks.export.params.formats: this model has nothing to write as '{missing[0]}'; "
+                f"its formats: {', '.join(available_formats(pl_module))}"
+            )
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.is_global_zero:
@@ -194,7 +206,8 @@ class TrainedWeightsExport(pl.Callback):
             return
         config = model.run_config or {}
         try:
-            export_trained(model, config, self.folder, step, self.formats)
+            formats = method_formats(model) if self.formats is None else self.formats
+            export_trained(model, config, self.folder, step, formats)
             save_adapter(model, config, self.folder / "adapter.safetensors")
         except OSError as err:
             raise CheckpointWriteError(f"cannot write the export of step {step} in {self.folder}: {err.strerror or err}") from None

@@ -8,13 +8,15 @@ number of processes.
 
 The photos are decoded once at start-up (all of them: a bad file stops the run before
 training) and kept as ``uint8`` arrays; the model encodes them through the VAE once and
-caches the posteriors, so items carry indices, not pixels.
+caches the posteriors, so items carry indices, not pixels. With prior preservation
+(DreamBooth, Custom Diffusion) every item also names a class image and its caption
+(:class:`PriorPreservationItems`; the images: :mod:`ldm.data.class_images`).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
@@ -23,6 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldm.data.images import ImageError, ResizeMode, list_images, load_image, to_tensor
 from ldm.util import instantiate_from_config
+
+if TYPE_CHECKING:
+    from ldm.data.class_images import ClassImages
 
 # Textual Inversion's caption templates (``imagenet_templates_small`` of its first, LDM version),
 # the placeholder at {}.
@@ -94,8 +99,11 @@ class PersonalizedBase(Dataset):
             reference (the original's default is 0).
         placeholder_token: the string standing for S* in the captions; with several folders,
             a list of as many distinct strings (concept ``c`` is captioned with the ``c``-th).
-        caption_templates: ``"vico"``, the authors' 81 captions, or ``"short"``, the 27
-            "photo"/"rendering"/"rendition" captions of the first Textual Inversion.
+        caption_templates: ``"vico"``, the authors' 81 captions, ``"short"``, the 27
+            "photo"/"rendering"/"rendition" captions of the first Textual Inversion, or a list
+            of templates with ``{}`` for the placeholder: the baselines' single instance prompt,
+            ``["a photo of a {}"]`` (DreamBooth's "a photo of a [V] dog": the model's
+            tokenisation adds the class word) or ``["photo of a {}"]`` (Custom Diffusion's).
         seed: seed of the per-item choices.
     """
 
@@ -109,11 +117,20 @@ class PersonalizedBase(Dataset):
         placeholder_token: str | list[str] = "*",
         seed: int = 0,
         resize_mode: ResizeMode = "squash",
-        caption_templates: str = "vico",
+        caption_templates: str | list[str] = "vico",
     ):
-        if caption_templates not in CAPTION_TEMPLATES:
-            raise ValueError(f"caption_templates must be one of {tuple(CAPTION_TEMPLATES)}, got '{caption_templates}'")
-        self.templates = CAPTION_TEMPLATES[caption_templates]
+        if isinstance(caption_templates, str):
+            if caption_templates not in CAPTION_TEMPLATES:
+                raise ValueError(
+                    f"caption_templates must be one of {tuple(CAPTION_TEMPLATES)} or a list, got '{caption_templates}'"
+                )
+            self.templates = CAPTION_TEMPLATES[caption_templates]
+        else:
+            self.templates = tuple(caption_templates)
+            if not self.templates or any(t.count("{}") != 1 for t in self.templates):
+                raise ValueError(
+                    f"caption_templates: each template needs one '{{}}' for the placeholder, got {caption_templates}"
+                )
         roots = [data_root] if isinstance(data_root, (str, os.PathLike)) else list(data_root)
         placeholders = [placeholder_token] if isinstance(placeholder_token, str) else list(placeholder_token)
         if not roots or len(roots) != len(placeholders):
@@ -179,6 +196,26 @@ class PersonalizedBase(Dataset):
         return to_tensor(self.images)
 
 
+class PriorPreservationItems(Dataset):
+    """The concept's items, each with a class image and its caption (prior preservation).
+
+    Item ``i`` adds class image ``i % N`` (as diffusers' DreamBooth and Custom Diffusion
+    datasets pair them), so the class images take turns whatever the batch size and the
+    number of processes, and a resumed run meets the same ones.
+    """
+
+    def __init__(self, instances: PersonalizedBase, class_images: ClassImages):
+        self.instances = instances
+        self.class_images = class_images
+
+    def __len__(self) -> int:
+        return len(self.instances)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        class_index = index % len(self.class_images)
+        return {**self.instances[index], "class_index": class_index, "class_caption": self.class_images.caption(class_index)}
+
+
 class ResumableSampler(Sampler[int]):
     """Item indices for the optimisation steps still to run, split across processes.
 
@@ -220,11 +257,24 @@ class PersonalizedDataModule(pl.LightningDataModule):
         train: ``target``/``params`` config of the dataset.
         batch_size: per process.
         num_workers: data-loader workers.
+        class_images: ``target``/``params`` config of the class images of prior preservation
+            (a :class:`ldm.data.class_images.ClassImages`, built at the photos' size with the
+            run's seed); ``None`` without prior preservation.
     """
 
-    def __init__(self, train: Mapping[str, Any], batch_size: int = 4, num_workers: int = 0):
+    def __init__(
+        self,
+        train: Mapping[str, Any],
+        batch_size: int = 4,
+        num_workers: int = 0,
+        class_images: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         self.train_dataset: PersonalizedBase = instantiate_from_config(train)
+        self.class_images: ClassImages | None = None
+        if class_images is not None:
+            dataset = self.train_dataset
+            self.class_images = instantiate_from_config(class_images, size=dataset.size, seed=dataset.seed)
         self.batch_size = batch_size
         self.num_workers = num_workers
 
@@ -238,8 +288,11 @@ class PersonalizedDataModule(pl.LightningDataModule):
             world_size=trainer.world_size,
             start_batch=lambda: trainer.global_step * accumulate,
         )
+        dataset = self.train_dataset
+        if self.class_images is not None:
+            dataset = PriorPreservationItems(dataset, self.class_images)
         return DataLoader(
-            self.train_dataset,
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,

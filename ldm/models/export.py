@@ -1,6 +1,7 @@
-"""Write what ViCo trained in the formats people already use.
+"""Write what ViCo (or a Table 2 baseline) trained in the formats people already use.
 
-:func:`export_trained` writes, for one training step ``N``, any of:
+:func:`export_trained` writes, for one training step ``N``, any of the formats the model has
+(:func:`available_formats`):
 
 * ``authors``: the authors' pair, as their ``on_save_checkpoint`` writes it and their
   ``scripts/vico_txt2img.py --ft_path <run> --load_step N`` reads it from ``<run>/checkpoints/``:
@@ -16,7 +17,19 @@
   read the ``"*"`` entry, diffusers names the token after ``"name"``);
 * ``diffusers``: S* alone as ``learned_embeds-steps-N.safetensors``, ``{token: [n, D]}`` as
   diffusers' Textual Inversion script writes it;
-* ``adapter``: ``adapter-N.safetensors``, this project's export (:func:`save_adapter`).
+* ``adapter``: ``adapter-N.safetensors``, this project's export (:func:`save_adapter`);
+* ``dreambooth``: ``dreambooth-N.safetensors``, the whole fine-tuned model as one CompVis-layout
+  file (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``), what
+  ``sd-v1-4.ckpt`` holds: any Stable Diffusion tool (and ``sample.py --base_ckpt``) loads it as
+  a base. S* is written into the token embedding row of the identifier it started from
+  (``sks``), so that plain prompts ("a photo of sks dog") reach it there;
+* ``custom_diffusion``: ``custom_diffusion-N/``, the layout of diffusers' Custom Diffusion script:
+  ``pytorch_custom_diffusion_weights.bin`` (``<processor>.to_k_custom_diffusion.weight`` and
+  ``.to_v_custom_diffusion.weight`` of every ``attn2`` processor under diffusers' UNet names,
+  an empty entry for every ``attn1`` processor, as ``UNet2DConditionModel.save_attn_procs``
+  writes it) and ``<new1>.bin``, ``{"<new1>": S*}`` as its ``save_new_embed`` writes the modifier
+  token; ``pipe.unet.load_attn_procs(folder, weight_name="pytorch_custom_diffusion_weights.bin")``
+  and ``pipe.load_textual_inversion(folder, weight_name="<new1>.bin")`` read them.
 
 S* is the first placeholder of the embedding manager (the one whose attention map gives the
 mask); the Textual Inversion formats hold one embedding, so other placeholders are left out of
@@ -35,20 +48,51 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from ldm.models.diffusion.latent import LatentDiffusionModel
+from ldm.models.diffusion.latent import CROSS_ATTENTION_KV, LatentDiffusionModel
 from ldm.models.loading import ViCoWeights, sampling_model_config, save_adapter
+from ldm.modules.diffusionmodules.openaimodel import Downsample
 from ldm.util import instantiate_from_config, write_atomically
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("authors", "textual_inversion", "diffusers", "adapter")
-#: What a training run writes at every checkpoint: the authors' pair and S* for other tools.
+EXPORT_FORMATS = ("authors", "textual_inversion", "diffusers", "adapter", "dreambooth", "custom_diffusion")
+#: ViCo's formats: the authors' pair and S* for other tools.
 DEFAULT_FORMATS = ("authors", "textual_inversion", "diffusers")
 #: The key under which Textual Inversion ``.pt`` files hold their embedding, whatever its name.
 TI_KEY = "*"
+#: The modifier token's name in Custom Diffusion exports (its scripts' default), for diffusers'
+#: tokenizer, which cannot take ``*`` as a new token: prompts there read "<new1> dog".
+MODIFIER_TOKEN = "<new1>"
+CUSTOM_DIFFUSION_WEIGHTS = "pytorch_custom_diffusion_weights.bin"
 
 PathLike = str | os.PathLike[str]
 ConfigLike = DictConfig | Mapping[str, Any]
+
+
+def available_formats(model: LatentDiffusionModel) -> tuple[str, ...]:
+    """The formats that hold what ``model`` trained: the authors' pair needs image attention, the
+    Textual Inversion files a trained S*, ``dreambooth`` a fine-tuned UNet (and the base weights
+    beside it), ``custom_diffusion`` Custom Diffusion's key and value projections."""
+    has = {
+        "authors": model.has_image_attention,
+        "textual_inversion": model.placeholder_trainable,
+        "diffusers": model.placeholder_trainable,
+        "adapter": True,
+        "dreambooth": model.unet_trainable == "all" and model.holds_base_weights,
+        "custom_diffusion": model.unet_trainable == "cross_attention_kv",
+    }
+    return tuple(name for name in EXPORT_FORMATS if has[name])
+
+
+def method_formats(model: LatentDiffusionModel) -> tuple[str, ...]:
+    """The community formats of ``model``'s method, what a training run writes by default:
+    ViCo's :data:`DEFAULT_FORMATS` (Textual Inversion: its two S* files), DreamBooth's full
+    checkpoint, Custom Diffusion's diffusers folder."""
+    if model.unet_trainable == "all":
+        return ("dreambooth",)
+    if model.unet_trainable == "cross_attention_kv":
+        return ("custom_diffusion",)
+    return tuple(name for name in DEFAULT_FORMATS if name in available_formats(model))
 
 
 def export_trained(
@@ -71,11 +115,19 @@ def export_trained(
         The files written, in the order of ``formats``.
 
     Raises:
-        ValueError: an unknown format or a negative step (nothing is written).
+        ValueError: an unknown format, one the model has nothing for (:func:`available_formats`)
+            or a negative step (nothing is written).
     """
     unknown = [name for name in formats if name not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"unknown export format '{unknown[0]}'; choose from {', '.join(EXPORT_FORMATS)}")
+    available = available_formats(model)
+    missing = [name for name in formats if name not in available]
+    if missing:
+        raise ValueError(
+            f"this model has nothing to write as '{missing[0]}' (it did not train that part, or its base "
+            f"weights were not loaded); its formats: {', '.join(available)}"
+        )
     if step < 0:
         raise ValueError(f"the training step must be >= 0, got {step}")
     folder = Path(folder)
@@ -129,11 +181,72 @@ def _write_adapter(model: LatentDiffusionModel, config: ConfigLike, folder: Path
     return [path]
 
 
+def _write_dreambooth(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+    tensors = {key: value.cpu().contiguous().clone() for key, value in model.base_state_dict().items()}
+    table = "cond_stage_model." + _token_embedding_name(model)
+    manager = model.embedding_manager
+    for placeholder, token_id in manager.identifier_token_ids.items():
+        tensors[table][token_id] = manager.string_to_param_dict[placeholder][0].detach().cpu()
+    unnamed = [p for p in manager.string_to_token_dict if p not in manager.identifier_token_ids]
+    if unnamed:
+        logger.warning("%s: no identifier word, so other tools' prompts cannot name it in the DreamBooth file", unnamed)
+    path = folder / f"dreambooth-{step}.safetensors"
+    write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
+    return [path]
+
+
+def _token_embedding_name(model: LatentDiffusionModel) -> str:
+    """The key of the text encoder's token embedding table, under ``cond_stage_model``."""
+    table = model.cond_stage_model.token_embedding.weight
+    return next(name for name, p in model.cond_stage_model.named_parameters() if p is table)
+
+
+def _write_custom_diffusion(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+    processors: dict[str, Any] = {}
+    for name, value in model.model.diffusion_model.state_dict().items():
+        if ".transformer_blocks." not in name or not name.endswith(CROSS_ATTENTION_KV):
+            continue
+        block = _diffusers_block_name(name.split(".attn2.")[0], _resnets_per_level(model))
+        projection = name.split(".attn2.")[1].split(".")[0]  # to_k or to_v
+        processors[f"{block}.attn1.processor"] = {}
+        processors[f"{block}.attn2.processor.{projection}_custom_diffusion.weight"] = value.detach().cpu().clone()
+    _, _, vectors = _placeholder_vectors(model)
+    embedding = {MODIFIER_TOKEN: vectors[0] if len(vectors) == 1 else vectors}
+    target = folder / f"custom_diffusion-{step}"
+    weights, token = target / CUSTOM_DIFFUSION_WEIGHTS, target / f"{MODIFIER_TOKEN}.bin"
+    write_atomically(weights, lambda temporary: torch.save(processors, temporary))
+    write_atomically(token, lambda temporary: torch.save(embedding, temporary))
+    return [weights, token]
+
+
+def _resnets_per_level(model: LatentDiffusionModel) -> int:
+    """ResBlocks per UNet level: the first downsampling block comes after that many, plus the input conv."""
+    blocks = model.model.diffusion_model.input_blocks
+    return next((i for i, block in enumerate(blocks) if isinstance(block[0], Downsample)), len(blocks)) - 1
+
+
+def _diffusers_block_name(compvis: str, resnets: int) -> str:
+    """diffusers' name of a CompVis transformer block: ``input_blocks.4.1.transformer_blocks.0`` ->
+    ``down_blocks.1.attentions.0.transformer_blocks.0`` (the inverse of the rules of
+    :mod:`ldm.models.diffusers_layout`; up blocks have one ResBlock more than down blocks)."""
+    parts = compvis.split(".")
+    if parts[0] == "middle_block":  # middle_block.1.<rest>
+        return "mid_block.attentions.0." + ".".join(parts[2:])
+    part, index, rest = parts[0], int(parts[1]), ".".join(parts[3:])  # input_blocks.N.1.<rest>
+    if part == "input_blocks":
+        level, position = divmod(index - 1, resnets + 1)
+        return f"down_blocks.{level}.attentions.{position}.{rest}"
+    level, position = divmod(index, resnets + 1)
+    return f"up_blocks.{level}.attentions.{position}.{rest}"
+
+
 _WRITERS: dict[str, Callable[[LatentDiffusionModel, ConfigLike, Path, int], list[Path]]] = {
     "authors": _write_authors_pair,
     "textual_inversion": _write_textual_inversion,
     "diffusers": _write_diffusers,
     "adapter": _write_adapter,
+    "dreambooth": _write_dreambooth,
+    "custom_diffusion": _write_custom_diffusion,
 }
 
 
@@ -163,5 +276,6 @@ def build_trained_only(weights: ViCoWeights, config: DictConfig) -> LatentDiffus
     if not isinstance(model, LatentDiffusionModel):
         raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusionModel")
     model.to_empty(device="cpu")
+    model.holds_base_weights = False
     model.load_trained_state_dict(weights.state_dict, weights.source)
     return model.eval()

@@ -1,6 +1,8 @@
 """Turn a ViCo file into a ready model: the one loader of sample.py, evaluation and exports.
 
-Three formats hold what ViCo learns (S* and the image-attention blocks):
+Three formats hold what training learned (:meth:`LatentDiffusionModel.trained_state_dict`: S*
+and the image-attention blocks for ViCo; the UNet, or its cross-attention keys and values, for
+the DreamBooth and Custom Diffusion baselines):
 
 * a **training checkpoint** ``.ckpt`` written by main.py: ``state_dict`` holds only the keys
   of :meth:`LatentDiffusionModel.trained_state_dict` and ``config`` the whole run config (a plain

@@ -49,6 +49,22 @@ def single_token_id(tokenizer: CLIPTokenizer, text: str, role: str, advice: str)
     return ids[0]
 
 
+def identifier_token_id(tokenizer: CLIPTokenizer, text: str) -> int:
+    """The id of a rare identifier: a word that is one CLIP token (DreamBooth's ``sks``), or else
+    an entry of the CLIP vocabulary itself (Custom Diffusion's ``ktn``, token 42170: a piece found
+    inside words, which diffusers' ``convert_tokens_to_ids`` and the authors' code both take)."""
+    ids = tokenizer.encode(text)
+    if len(ids) == 1:
+        return ids[0]
+    token_id = tokenizer._bpe.encoder.get(text)
+    if token_id is None:
+        raise ValueError(
+            f"identifier word {text!r} is {len(ids)} CLIP tokens ({ids}) and no entry of the CLIP vocabulary; "
+            f"choose a word that is a single token"
+        )
+    return token_id
+
+
 class EmbeddingManager(nn.Module):
     """Holds one learnable embedding per placeholder string and splices it into CLIP token embeddings.
 
@@ -62,6 +78,15 @@ class EmbeddingManager(nn.Module):
             position; each must be one CLIP token. Placeholders without one start from
             ``torch.rand`` values, as in Textual Inversion.
         num_vectors_per_token: Number of embedding vectors each placeholder expands into.
+        identifier_words: Rare words whose token embeddings initialise the placeholders instead
+            of ``initializer_words``, matched by position: DreamBooth's identifier ``[V]``
+            (``sks``) and Custom Diffusion's modifier token (initialised from ``ktn``). A word that
+            is several tokens may name one vocabulary entry (:func:`identifier_token_id`).
+        class_words: One word (or phrase) per placeholder, by position: every prompt's
+            placeholder then stands for "placeholder class word", the ``[V] class`` of DreamBooth
+            and Custom Diffusion (paper Table 7): "a photo of * on the beach" is read as "a photo
+            of * dog on the beach" (:meth:`expand_class_words`), in training captions and in
+            sampling prompts alike. ``None``: a placeholder stands alone (Textual Inversion, ViCo).
     """
 
     def __init__(
@@ -70,18 +95,29 @@ class EmbeddingManager(nn.Module):
         placeholder_strings: Sequence[str] = ("*",),
         initializer_words: Sequence[str] | None = None,
         num_vectors_per_token: int = 1,
+        identifier_words: Sequence[str] | None = None,
+        class_words: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         initializer_words = list(initializer_words or [])
+        identifier_words = list(identifier_words or [])
+        class_words = list(class_words or [])
         if num_vectors_per_token < 1:
             raise ValueError(f"num_vectors_per_token must be >= 1, got {num_vectors_per_token}")
-        if len(initializer_words) > len(placeholder_strings):
-            raise ValueError(
-                f"{len(initializer_words)} initializer words given for "
-                f"{len(placeholder_strings)} placeholder strings"
-            )
-        self.eos_token_id = embedder.tokenizer.eos_token_id
+        for name, words in (("initializer", initializer_words), ("identifier", identifier_words), ("class", class_words)):
+            if len(words) > len(placeholder_strings):
+                raise ValueError(f"{len(words)} {name} words given for {len(placeholder_strings)} placeholder strings")
+        if class_words and len(class_words) != len(placeholder_strings):
+            raise ValueError(f"{len(class_words)} class words given for {len(placeholder_strings)} placeholder strings")
+        tokenizer = embedder.tokenizer
+        self.bos_token_id = tokenizer.bos_token_id
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
         self.num_vectors_per_token = num_vectors_per_token
+        #: placeholder -> the identifier token its vector started from (only those given one)
+        self.identifier_token_ids: dict[str, int] = {}
+        #: placeholder token id -> the ids of its class word (empty without class words)
+        self.class_token_ids: dict[int, list[int]] = {}
         self.string_to_token_dict: dict[str, int] = {}
         self.string_to_param_dict = nn.ParameterDict()
         self.initial_embeddings = nn.ParameterDict()
@@ -98,15 +134,22 @@ class EmbeddingManager(nn.Module):
                     f"placeholder string {placeholder!r} is token {token_id}, which this text encoder's "
                     f"tokenizer uses for padding or end of text; choose another string"
                 )
-            if index < len(initializer_words):
+            word = init_id = None
+            if index < len(identifier_words):
+                word = identifier_words[index]
+                init_id = self.identifier_token_ids[placeholder] = identifier_token_id(tokenizer, word)
+            elif index < len(initializer_words):
                 word = initializer_words[index]
-                init_id = single_token_id(
-                    embedder.tokenizer, word, "initializer word", "choose a word that is a single token"
-                )
+                init_id = single_token_id(tokenizer, word, "initializer word", "choose a word that is a single token")
+            if init_id is not None:
                 initial = table[init_id].detach().repeat(num_vectors_per_token, 1)
             else:
-                word = None
                 initial = torch.rand(num_vectors_per_token, table.shape[1], dtype=table.dtype, device=table.device)
+            if class_words:
+                class_ids = tokenizer.encode(class_words[index])
+                if not class_ids:
+                    raise ValueError(f"class word {class_words[index]!r} of placeholder {placeholder!r} is empty")
+                self.class_token_ids[token_id] = class_ids
             self.string_to_token_dict[placeholder] = token_id
             self.string_to_param_dict[placeholder] = nn.Parameter(initial.clone())
             self.initial_embeddings[placeholder] = nn.Parameter(initial, requires_grad=False)
@@ -115,6 +158,28 @@ class EmbeddingManager(nn.Module):
     def embedding_parameters(self) -> Iterator[nn.Parameter]:
         """Yields the learnable placeholder vectors (what the optimizer trains)."""
         return iter(self.string_to_param_dict.values())
+
+    def expand_class_words(self, tokens: torch.LongTensor) -> torch.LongTensor:
+        """Insert each placeholder's class word after it: ``[V] class`` (see ``class_words``).
+
+        Every row is rebuilt as the tokenizer builds one: start token, the prompt's tokens with
+        the class words inserted (cut to fit, as the tokenizer cuts a long prompt), end token,
+        padding. Without class words the tokens are returned unchanged.
+
+        Args:
+            tokens: Token ids ``[B, T]`` as the text encoder's tokenizer returns them.
+        """
+        if not self.class_token_ids:
+            return tokens
+        rows = []
+        for row in tokens.tolist():
+            end = row.index(self.eos_token_id) if self.eos_token_id in row else len(row)
+            words: list[int] = []
+            for token_id in row[1:end]:
+                words += [token_id, *self.class_token_ids.get(token_id, [])]
+            expanded = [self.bos_token_id, *words[: len(row) - 2], self.eos_token_id]
+            rows.append(expanded + [self.pad_token_id] * (len(row) - len(expanded)))
+        return torch.tensor(rows, dtype=tokens.dtype, device=tokens.device)
 
     def forward(self, tokens: torch.LongTensor, token_embeddings: Tensor) -> Tensor:
         """Replaces every placeholder position of ``token_embeddings`` by its learned vector(s).
