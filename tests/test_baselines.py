@@ -206,6 +206,12 @@ def test_dreambooth_trains_the_unet_with_prior_preservation(tmp_path):
     assert sorted(p.name for p in folder.glob("*.png")) == ["00000.png", "00001.png", "00002.png"]
     assert (folder / "prompt.txt").read_text().strip() == "a photo of a toy"
     assert len(logged(run, "train/loss_prior")) == 3 and all(map(math.isfinite, logged(run, "train/loss")))
+    # the instance prompt is "a photo of a [V] toy"; one AdamW group, the UNet at DreamBooth's rate
+    caption = run.data.train_dataset[0]["caption"]
+    assert caption == "a photo of a *"
+    assert torch.equal(model.tokenize([caption]).cpu(), CLIPTokenizer()(["a photo of a * toy"]))
+    (group,) = run.trainer.optimizers[0].param_groups
+    assert group["lr"] == 5e-6 and len(group["params"]) == len(model.unet_parameters())
     # the UNet moved, nothing else did ([V] is fixed)
     after = model.state_dict()
     changed = changed_keys(before, after)
