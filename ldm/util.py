@@ -1,8 +1,11 @@
 """Config instantiation and the one place that reads and writes checkpoints."""
 from __future__ import annotations
 
+import errno
 import importlib
+import json
 import logging
+import math
 import os
 import pickle
 import re
@@ -20,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ldm.config_bounds import BoundsError, check_bounds
 from ldm.models import diffusers_layout
 
 logger = logging.getLogger(__name__)
@@ -122,14 +126,16 @@ def _config_targets(node: Any) -> Iterable[Any]:
 
 
 def check_stored_config(config: Any, source: str | Path) -> None:
-    """Refuse a config read from a file the user did not write unless every ``target`` is trusted.
+    """Refuse a config read from a file the user did not write unless every ``target`` is trusted
+    and every size and learning rate is within bounds.
 
     A YAML passed with ``--base`` (or ``--config``) is code, as in CompVis, and is not checked.
     A config stored in a checkpoint, an adapter export or a shared run folder is data: each
-    ``target`` anywhere in it (interpolations resolved) must pass :func:`is_trusted_target`.
+    ``target`` anywhere in it (interpolations resolved) must pass :func:`is_trusted_target`,
+    and its sizes :func:`ldm.config_bounds.check_bounds` (no absurd model is built from it).
 
     Raises:
-        UntrustedConfigError: one line naming the file and the refused target.
+        UntrustedConfigError: one line naming the file and the refused target or key.
     """
     if isinstance(config, (DictConfig, ListConfig)):
         for where in _interpolated_targets(config):
@@ -146,6 +152,11 @@ def check_stored_config(config: Any, source: str | Path) -> None:
                 f"{source}: refusing to build {target!r} from a stored config; only the project's own "
                 f"classes (ldm.*) are built from files (pass a config you trust with --config or --base)"
             )
+    if isinstance(config, Mapping):
+        try:
+            check_bounds(config)
+        except BoundsError as err:
+            raise UntrustedConfigError(f"{source}: its stored config is refused: {err}") from None
 
 
 class _LightningCallbackKey:
@@ -248,24 +259,200 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# ------------------------------------------------------------- sizes before values
+#: Bytes per element of the safetensors dtypes.
+_SAFETENSORS_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
+    "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "C64": 8,
+}  # fmt: skip
+#: safetensors' own limit on the JSON header.
+_SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def format_bytes(count: int) -> str:
+    """``count`` bytes in words: ``4 bytes``, ``2.0 KiB``, ``256.0 GiB``."""
+    if count < 1024:
+        return f"{count} bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        count /= 1024
+        if count < 1024 or unit == "PiB":
+            return f"{count:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+class OversizedTensorError(CheckpointError):
+    """A file whose tensors claim more data than they hold (stride-0, truncated, a zip bomb)."""
+
+
+def _claim_refusal(path: str | Path, key: str, shape: Any, claimed: int, held: int) -> OversizedTensorError:
+    return OversizedTensorError(
+        f"{path}: key '{key}' claims shape {list(shape)} ({format_bytes(claimed)}) but holds {format_bytes(held)} "
+        f"of data (an expanded or truncated tensor: a damaged or hostile file)"
+    )
+
+
+def check_tensor_storage(key: str, value: torch.Tensor, path: str | Path) -> None:
+    """Refuse a tensor whose shape claims more bytes than its storage holds.
+
+    A stride-0 (expanded) ``[2**18, 2**18]`` tensor fits in 4 bytes of a file, and whatever
+    reads its values (a finite check, ``.to(dtype)``, ``.contiguous()``) allocates all 256 GiB.
+    This looks at sizes only: nothing is read or allocated.
+    """
+    if value.layout != torch.strided:
+        raise OversizedTensorError(f"{path}: key '{key}' is a {value.layout} tensor; only dense tensors are read")
+    claimed = value.numel() * value.element_size()
+    held = value.untyped_storage().nbytes() - value.storage_offset() * value.element_size()
+    if claimed > held:
+        raise _claim_refusal(path, key, value.shape, claimed, held)
+
+
+def check_loaded_tensors(content: Any, path: str | Path) -> None:
+    """:func:`check_tensor_storage` for every tensor anywhere in ``content`` (nested dicts,
+    lists, tuples: a checkpoint's optimizer state too), named by its dotted key."""
+    stack: list[tuple[str, Any]] = [("", content)]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            check_tensor_storage(prefix, node, path)
+        elif isinstance(node, Mapping):
+            stack += [(f"{prefix}.{key}" if prefix else str(key), value) for key, value in node.items()]
+        elif isinstance(node, (list, tuple)):
+            stack += [(f"{prefix}.{index}" if prefix else str(index), value) for index, value in enumerate(node)]
+
+
+class _Inert:
+    """Whatever a pickle names, while its storage claims are counted: accepts any call, state
+    or item and does nothing (no class the pickle names is imported)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _StorageClaimCounter(pickle.Unpickler):
+    """Reads a legacy ``torch.save`` pickle for its storage claims (``persistent_load`` ids
+    ``('storage', type, key, location, numel, ...)``), building nothing."""
+
+    def __init__(self, handle: Any):
+        super().__init__(handle)
+        self.claims: dict[Any, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and name in _SCRIPT_STORAGES:
+            return _SCRIPT_STORAGES[name]
+        return _Inert
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[4], int):
+            itemsize = pid[1].itemsize if isinstance(pid[1], torch.dtype) else 1
+            self.claims[repr(pid[2])] = max(pid[4], 0) * itemsize
+        return _Inert()
+
+
+def _legacy_claimed_bytes(path: Path) -> int:
+    """The bytes a legacy (pre-zip) ``torch.save`` file's storages claim: ``torch.load``
+    allocates each storage at its claimed size before reading its data from the file."""
+    with open(path, "rb") as handle:
+        for _ in range(3):  # magic number, protocol version, system info
+            _StorageClaimCounter(handle).load()
+        counter = _StorageClaimCounter(handle)
+        counter.load()
+    return sum(counter.claims.values())
+
+
+def _check_safetensors_claims(path: Path, size: int) -> None:
+    """Every tensor of a safetensors header has exactly its shape's bytes, inside the file."""
+    with open(path, "rb") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        if not 0 < length <= min(size - 8, _SAFETENSORS_MAX_HEADER):
+            raise CheckpointError(f"{path}: not a readable safetensors file (a header of {length} bytes in a {size}-byte file)")
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise CheckpointError(f"{path}: not a readable safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    data = size - 8 - length
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            shape, (begin, end) = [int(n) for n in entry["shape"]], [int(n) for n in entry["data_offsets"]]
+            itemsize = _SAFETENSORS_ITEMSIZE.get(entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: not a readable safetensors file (key '{key}' has no dtype, shape and offsets)") from None
+        held = max(0, min(end, data) - max(begin, 0))
+        claimed = math.prod(shape) * (itemsize or 1)
+        if any(n < 0 for n in shape) or not 0 <= begin <= end <= data or (itemsize and claimed != end - begin):
+            raise _claim_refusal(path, key, shape, claimed, held)
+
+
+def check_storage_claims(path: str | Path) -> None:
+    """Refuse a weight file whose tensors claim more data than the file holds, before it is loaded.
+
+    ``torch.load`` allocates a legacy file's storages at their claimed sizes, and inflates
+    compressed zip records (a zip bomb) when not memory-mapped; safetensors headers are
+    checked too, to name the key. Nothing of the file's data is read.
+    """
+    path = Path(path)
+    kind = checkpoint_format(path)
+    size = path.stat().st_size
+    if kind == "safetensors":
+        _check_safetensors_claims(path, size)
+        return
+    if kind == "torch-legacy":
+        try:
+            claimed = _legacy_claimed_bytes(path)
+        except Exception as err:  # noqa: BLE001 - a corrupt pickle fails in arbitrary ways
+            raise CheckpointError(f"{path}: not a readable checkpoint (corrupted or truncated? {_first_line(err)})") from None
+    else:
+        with zipfile.ZipFile(path) as archive:
+            claimed = sum(info.file_size for info in archive.infolist())
+    if claimed > size:
+        raise OversizedTensorError(
+            f"{path}: its tensors claim {format_bytes(claimed)} of data in a file of {format_bytes(size)} "
+            f"(a damaged or hostile file)"
+        )
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a ``.ckpt``/``.pt``/``.bin`` (safely, ``weights_only=True``) or ``.safetensors`` file.
 
     The format is recognised from the file's first bytes, not its name. A TorchScript archive
-    is refused without being opened (loading it runs its code).
+    is refused without being opened (loading it runs its code). Sizes come before values: the
+    data the file's tensors claim is checked against the file before loading
+    (:func:`check_storage_claims`), and each loaded tensor's shape against its storage
+    (:func:`check_loaded_tensors`), so a small file cannot make anything allocate more than it holds.
     """
     path = Path(path)
     kind = checkpoint_format(path)
-    if kind == "safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if kind == "torchscript":
         raise CheckpointError(
             f"{path}: a TorchScript archive (a program, not a checkpoint of weights); it is not loaded, "
             f"since loading it would run its code"
         )
+    check_storage_claims(path)
+    if kind == "safetensors":
+        try:
+            content = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        check_loaded_tensors(content, path)
+        return content
     try:
         content = _torch_load(path)
     except Exception as err:  # noqa: BLE001 - corrupt pickles fail in arbitrary ways (IndexError, KeyError, ...)
@@ -278,6 +465,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable checkpoint (corrupted or truncated? {_first_line(err)})") from None
     if not isinstance(content, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(content).__name__}")
+    check_loaded_tensors(content, path)
     return content
 
 
@@ -361,6 +549,7 @@ class _ScriptArchiveUnpickler(pickle.Unpickler):
 
 def _script_tensors(node: Any, prefix: str, source: Path) -> Iterable[tuple[str, torch.Tensor]]:
     if isinstance(node, torch.Tensor):
+        check_tensor_storage(prefix.rstrip("."), node, source)
         yield prefix.rstrip("."), node
     elif isinstance(node, _ScriptObject):
         state = getattr(node, "state", None)
@@ -384,6 +573,7 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if checkpoint_format(path) != "torchscript":
         raise CheckpointError(f"{path}: not a TorchScript archive")
+    check_storage_claims(path)
     with zipfile.ZipFile(path) as archive:
         members = archive.namelist()
         prefix = next((name[: -len("data.pkl")] for name in members if name.endswith("/data.pkl")), None)
@@ -476,17 +666,49 @@ def shared_file_mode() -> int:
     return 0o666 & ~umask
 
 
+#: Free bytes below which a failed write is taken for a full disk.
+_FULL_DISK_BYTES = 1 << 20
+
+
+def _write_failure(err: Exception, folder: Path) -> OSError | None:
+    """The ``OSError`` behind a writer's own exception, or None if it is not a write failure.
+
+    ``torch.save`` to a path reports a full disk as ``RuntimeError`` ("unexpected pos ...", no
+    errno), safetensors as ``SafetensorError`` ("I/O error: ... (os error 28)"); callers that
+    handle ``OSError`` (one line, exit status 1) must see them as such. The disk is looked at
+    while the partial file still fills it.
+    """
+    if isinstance(err, SafetensorError):
+        match = re.search(r"\(os error (\d+)\)", str(err))
+        return OSError(int(match.group(1)), os.strerror(int(match.group(1)))) if match else None
+    if isinstance(err, RuntimeError):
+        usage = os.statvfs(folder)
+        if usage.f_bavail * usage.f_frsize < _FULL_DISK_BYTES:
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return None
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write a file for sharing: ``write(temporary)`` in the destination folder, fsync, then
     rename over ``path`` with :func:`shared_file_mode`. Readers never see a partial file; on
-    any failure the partial file is removed and a previous ``path`` is kept."""
+    any failure the partial file is removed and a previous ``path`` is kept.
+
+    Raises:
+        OSError: the write failed, a full disk included, whichever library wrote.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     temporary = Path(name)
     try:
-        write(temporary)
+        try:
+            write(temporary)
+        except (RuntimeError, SafetensorError) as err:
+            failure = _write_failure(err, path.parent)
+            if failure is None:
+                raise
+            raise failure from err
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
         os.chmod(temporary, shared_file_mode())
@@ -497,13 +719,16 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Write weights as ``.safetensors`` or as a CompVis-style ``.ckpt`` (``{"state_dict": ...}``)."""
+    """Write weights as ``.safetensors`` or as a CompVis-style ``.ckpt`` (``{"state_dict": ...}``),
+    atomically (:func:`write_atomically`: a failure, a full disk included, is an ``OSError``
+    and leaves no partial file)."""
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
-        save_file({k: v.clone() for k, v in tensors.items()}, str(path))
+        tensors = {k: v.clone() for k, v in tensors.items()}
+        write_atomically(path, lambda temporary: save_file(tensors, str(temporary)))
     else:
-        torch.save({"state_dict": tensors}, path)
+        write_atomically(path, lambda temporary: torch.save({"state_dict": tensors}, temporary))
 
 
 def _is_tolerated_extra(key: str) -> bool:
@@ -544,7 +769,11 @@ def check_state_dict(
 
 
 def check_tensor_values(key: str, value: torch.Tensor, floating: bool, path: str | Path) -> None:
-    """Refuse integer values for a floating-point weight and non-finite values anywhere."""
+    """Refuse integer values for a floating-point weight and non-finite values anywhere; the
+    tensor's storage is checked first (:func:`check_tensor_storage`), since reading the values
+    of an expanded tensor allocates its full size."""
+    if value.device.type != "meta":
+        check_tensor_storage(key, value, path)
     if floating and not value.is_floating_point():
         raise CheckpointError(
             f"{path}: key '{key}' holds {str(value.dtype).removeprefix('torch.')} values; "

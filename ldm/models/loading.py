@@ -40,7 +40,10 @@ from ldm.models.diffusion.latent import SAMPLING_CLASSES, LatentDiffusionModel
 from ldm.modules.embedding_manager import load_authors_embeddings
 from ldm.util import (
     CheckpointError,
+    OversizedTensorError,
+    check_storage_claims,
     check_stored_config,
+    check_tensor_storage,
     check_tensor_values,
     find_base_checkpoint,
     instantiate_from_config,
@@ -141,6 +144,7 @@ def _read_training_checkpoint(path: Path) -> ViCoWeights:
 
 
 def _read_adapter(path: Path) -> ViCoWeights:
+    check_storage_claims(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -167,8 +171,10 @@ def _order_pair(paths: Sequence[Path]) -> tuple[Path, Path]:
     embeddings = []
     for path in paths:
         try:
-            load_authors_embeddings(path)
-        except Exception:  # noqa: BLE001 - any failure means "not the embeddings file of the pair"
+            _read_embeddings(path)
+        except OversizedTensorError:
+            raise
+        except Exception:  # noqa: BLE001 - any other failure means "not the embeddings file of the pair"
             continue
         embeddings.append(path)
     if len(embeddings) != 1:
@@ -188,12 +194,21 @@ def _read_authors_pair(cross_attention: Path, embeddings: Path) -> ViCoWeights:
         if not isinstance(value, torch.Tensor) or ".image_cross_attention." not in key:
             raise CheckpointError(f"{cross_attention}: key '{key}' is not an image-attention tensor; {_FORMATS_HELP}")
         state_dict[key if key.startswith("model.") else f"model.{key}"] = value
-    try:
-        vectors = load_authors_embeddings(embeddings)
-    except ValueError as err:
-        raise CheckpointError(str(err)) from None
+    vectors = _read_embeddings(embeddings)
     state_dict.update({PLACEHOLDER_PREFIX + name: value for name, value in vectors.items()})
     return ViCoWeights(state_dict, None, source)
+
+
+def _read_embeddings(path: Path) -> dict[str, torch.Tensor]:
+    """S* of an authors' (Textual Inversion) embeddings file, its sizes checked before and after loading."""
+    check_storage_claims(path)
+    try:
+        vectors = load_authors_embeddings(path)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    for name, value in vectors.items():
+        check_tensor_storage(f"string_to_param.{name}", value, path)
+    return vectors
 
 
 # -------------------------------------------------------------------- config
