@@ -44,8 +44,16 @@ from ldm.callbacks import (
     StopOnNonFiniteLoss,
     ViCoCheckpoint,
 )
+from ldm.config_bounds import BoundsError, check_bounds
 from ldm.config_schema import ConfigError, accepted_parameters, check_instantiable, check_keys, check_parameters
 from ldm.data.images import ImageError
+from ldm.modules.diffusionmodules.openaimodel import (
+    DEFAULT_CHANNEL_MULT,
+    DEFAULT_IMAGE_ATTENTION_LAYERS,
+    UNetModel,
+    attention_layer_count,
+    check_attention_layers,
+)
 from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
 from ldm.trust import check_merged_targets, check_run_folder_layout, resume_values
@@ -338,16 +346,23 @@ def check_config(config: DictConfig) -> None:
     max_steps = OmegaConf.select(config, "lightning.trainer.max_steps", default=None)
     if not isinstance(max_steps, int) or max_steps <= 0:
         raise UsageError(f"lightning.trainer.max_steps must be a positive number of steps, got {max_steps}")
+    check_image_attention_layers(plain)
     check_placeholders(plain)
 
 
 def check_schema(config: Mapping[str, Any]) -> None:
-    """Every key must be one the code reads and every value of the type it expects."""
+    """Every key must be one the code reads and every value of the type it expects; sizes and
+    learning rates within :mod:`ldm.config_bounds` (``batch_size: 0`` and a NaN learning rate
+    are refused here, not after the run folder exists)."""
     check_keys(config, "", CONFIG_KEYS)
     for section in ("model", "data"):
         if section not in config:
             raise ConfigError(f"the config has no '{section}' section")
         check_instantiable(config[section], section, {"model": ["base_learning_rate"]})
+    try:
+        check_bounds(config)
+    except BoundsError as err:
+        raise ConfigError(str(err)) from None
     lightning = OmegaConf.to_container(OmegaConf.merge(lightning_defaults(), config.get("lightning") or {}))
     check_keys(lightning, "lightning", LIGHTNING_KEYS)
     check_parameters(lightning["trainer"] or {}, pl.Trainer, "lightning.trainer")
@@ -359,6 +374,24 @@ def check_schema(config: Mapping[str, Any]) -> None:
         for name, node in (lightning[group] or {}).items():
             if node is not None:
                 check_instantiable(node, f"lightning.{group}.{name}")
+
+
+def check_image_attention_layers(config: Mapping[str, Any]) -> None:
+    """The UNet's ``image_attention_layers`` must exist in its layout (counted, not built)."""
+    unet = _params(config["model"]).get("unet_config") or {}
+    target = get_obj_from_str(unet["target"]) if "target" in unet else None
+    params = _params(unet)
+    if not (isinstance(target, type) and issubclass(target, UNetModel)):
+        return
+    if "num_res_blocks" not in params or "attention_resolutions" not in params:
+        return  # the constructor names what is missing
+    count = attention_layer_count(
+        params["num_res_blocks"], params["attention_resolutions"], params.get("channel_mult", DEFAULT_CHANNEL_MULT)
+    )
+    try:
+        check_attention_layers(params.get("image_attention_layers", DEFAULT_IMAGE_ATTENTION_LAYERS), count)
+    except ValueError as err:
+        raise UsageError(f"model.params.unet_config.params.{err}") from None
 
 
 def check_placeholders(config: Mapping[str, Any]) -> None:
@@ -639,7 +672,8 @@ def fill_zero_initialised_weights(model: torch.nn.Module, std: float = 0.05) -> 
 
 
 def build_model(config: DictConfig, logdir: Path, new_random_base: bool, is_rank_zero: bool) -> pl.LightningModule:
-    """The model of the config; a new random base is drawn and saved in the run folder."""
+    """The model of the config; a new random base is drawn and saved in the run folder
+    (atomically: a full disk is one line, exit status 1, and leaves no partial file)."""
     model_config = OmegaConf.to_container(config.model, resolve=True)
     if new_random_base:
         model_config["params"].pop("ckpt_path", None)
@@ -650,7 +684,7 @@ def build_model(config: DictConfig, logdir: Path, new_random_base: bool, is_rank
             try:
                 save_state_dict(model.base_state_dict(), logdir / RANDOM_BASE)
             except OSError as err:
-                raise UsageError(f"cannot write {logdir / RANDOM_BASE}: {err.strerror or err}") from None
+                raise CheckpointWriteError(f"cannot write {logdir / RANDOM_BASE}: {err.strerror or err}") from None
     return model
 
 
@@ -809,6 +843,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except CheckpointWriteError as err:
         print(f"error: {err}; the run stopped", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk or a lost mount under a logger or a preview
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}; the run stopped", file=sys.stderr)
         return 1
     except NonFiniteTraining as err:
         print(f"error: {err}; the run stopped, and its last checkpoint is the last finite state "

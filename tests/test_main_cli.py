@@ -88,6 +88,19 @@ def test_unknown_flag_is_one_line(capsys, tmp_path):
         (["lightning.callbacks.image_logger.params.prompts=[a photo of a dog]"], "does not contain the placeholder '*'"),
         (["lightning.loggers.x.target=pytorch_lightning.loggers.NoSuchLogger"], "cannot import"),
         (["model.params.unet_config.target=null"], "model.params.unet_config.target must name a class"),
+        (["model.base_learning_rate=fast"], "model.base_learning_rate must be a finite number >= 0, got 'fast'"),
+        (["model.base_learning_rate=.nan"], "model.base_learning_rate must be a finite number >= 0, got nan"),
+        (["model.base_learning_rate=.inf"], "model.base_learning_rate must be a finite number >= 0, got inf"),
+        (["model.base_learning_rate=-0.005"], "model.base_learning_rate must be a finite number >= 0, got -0.005"),
+        (["model.params.image_attention_learning_rate=-1e-5"], "image_attention_learning_rate must be a finite number >= 0"),
+        (["data.params.batch_size=0"], "data.params.batch_size is 0; it must be between 1 and 4096"),
+        (["data.params.num_workers=-1"], "data.params.num_workers is -1; it must be between 0 and 256"),
+        (["model.params.timesteps=1000000000000"], "model.params.timesteps is 1000000000000; it must be between 1 and 100000"),
+        (
+            ["model.params.unet_config.params.image_attention_layers=[4,60]"],
+            "model.params.unet_config.params.image_attention_layers [60] do not exist: this UNet has 7 attention layers (indices 0-6)",
+        ),
+        (["model.params.unet_config.params.image_attention_layers=[a]"], "must list layer indices (whole numbers)"),
     ],
 )
 def test_bad_settings_are_one_line_before_anything_slow(capsys, tmp_path, extra, expected):

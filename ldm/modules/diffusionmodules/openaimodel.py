@@ -13,6 +13,31 @@ from ldm.modules.diffusionmodules.util import avg_pool_nd, conv_nd, linear, norm
 from ldm.modules.vico import MaskMode, ReferenceCondition
 
 DEFAULT_IMAGE_ATTENTION_LAYERS = (8, 10, 12, 14)
+DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)
+
+
+def attention_layer_count(
+    num_res_blocks: int, attention_resolutions: Sequence[int], channel_mult: Sequence[int] = DEFAULT_CHANNEL_MULT
+) -> int:
+    """How many SpatialTransformers a UNet of these settings has (what ``image_attention_layers``
+    indexes): ``num_res_blocks`` per attention level in the encoder, one in the middle block,
+    ``num_res_blocks + 1`` per attention level in the decoder (SD v1: 6 + 1 + 9)."""
+    levels = sum(2**level in attention_resolutions for level in range(len(channel_mult)))
+    return levels * num_res_blocks + 1 + levels * (num_res_blocks + 1)
+
+
+def check_attention_layers(image_attention_layers: Sequence[int], count: int) -> tuple[int, ...]:
+    """The sorted distinct layer indices; a ``ValueError`` (one line) for one a UNet of ``count``
+    attention layers does not have, checked before anything is built."""
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in image_attention_layers):
+        raise ValueError(f"image_attention_layers must list layer indices (whole numbers), got {list(image_attention_layers)}")
+    wanted = tuple(sorted(set(image_attention_layers)))
+    missing = [i for i in wanted if not 0 <= i < count]
+    if missing:
+        raise ValueError(
+            f"image_attention_layers {missing} do not exist: this UNet has {count} attention layers (indices 0-{count - 1})"
+        )
+    return wanted
 
 
 class TimestepBlock(nn.Module):
@@ -160,7 +185,7 @@ class UNetModel(nn.Module):
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
         dropout: float = 0.0,
-        channel_mult: Sequence[int] = (1, 2, 4, 8),
+        channel_mult: Sequence[int] = DEFAULT_CHANNEL_MULT,
         conv_resample: bool = True,
         dims: int = 2,
         use_checkpoint: bool = False,
@@ -187,7 +212,9 @@ class UNetModel(nn.Module):
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
-        wanted_layers = sorted(set(int(i) for i in image_attention_layers))
+        wanted_layers = check_attention_layers(
+            image_attention_layers, attention_layer_count(num_res_blocks, attention_resolutions, channel_mult)
+        )
         transformer_count = 0
 
         def transformer(ch: int) -> SpatialTransformer:
@@ -255,13 +282,7 @@ class UNetModel(nn.Module):
             normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1))
         )
 
-        missing = [i for i in wanted_layers if not 0 <= i < transformer_count]
-        if missing:
-            raise ValueError(
-                f"image_attention_layers {missing} do not exist: this UNet has {transformer_count} "
-                f"attention layers (indices 0-{transformer_count - 1})"
-            )
-        self.image_attention_layers = tuple(wanted_layers)
+        self.image_attention_layers = wanted_layers
         blocks = [*self.input_blocks, self.middle_block, *self.output_blocks]
         self._last_reference_block = max(
             (i for i, block in enumerate(blocks) if any(_has_image_attention(m) for m in block)),
