@@ -21,18 +21,22 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -49,7 +53,10 @@ from ldm.models.pretraining import (  # noqa: E402
     normalise_latent_scale,
     to_signed,
 )
-from ldm.util import CheckpointError, instantiate_from_config  # noqa: E402
+from ldm.config_bounds import BoundsError, check_bounds  # noqa: E402
+from ldm.config_schema import unknown_key  # noqa: E402
+from ldm.models.loading import autoencoder_factor  # noqa: E402
+from ldm.util import CheckpointError, checkpoint_format, instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger("miniworld")
 
@@ -59,6 +66,159 @@ BASE_FORMAT = "miniworld-base"
 
 class UsageError(ValueError):
     """A mistake on the command line, reported as one ``error:`` line."""
+
+
+# ------------------------------------------------------------------- recipes
+Check = Callable[[Any], bool]
+
+
+def _whole(low: int, high: int | None = None, null: bool = False) -> tuple[Check, str]:
+    def check(value: Any) -> bool:
+        if value is None:
+            return null
+        return isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+
+    what = f"a whole number from {low} to {high}" if high is not None else f"a whole number >= {low}"
+    return check, what + (", or null" if null else "")
+
+
+def _number(low: float, high: float = math.inf, below_high: bool = False, null: bool = False) -> tuple[Check, str]:
+    def check(value: Any) -> bool:
+        if value is None:
+            return null
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            return False
+        return low <= value and (value < high if below_high else value <= high)
+
+    what = f"a number >= {low}" if high == math.inf else f"a number from {low} to {high}" + (" (excluded)" if below_high else "")
+    return check, what + (", or null" if null else "")
+
+
+def _text(null: bool = False) -> tuple[Check, str]:
+    def check(value: Any) -> bool:
+        return value is None and null or isinstance(value, str) and value != ""
+
+    return check, "a path" + (", or null" if null else "")
+
+
+def _paths(value: Any) -> bool:
+    values = [value] if isinstance(value, str) else value
+    return isinstance(values, list) and bool(values) and all(isinstance(v, str) and v for v in values)
+
+
+#: Every key of a pretraining recipe and what its value must be (``configs/miniworld/pretrain.yaml``).
+RECIPE_FIELDS: dict[str, Any] = {
+    "model_config": (_paths, "a config path or a list of them"),
+    "output_dir": _text(),
+    "cache_dir": _text(),
+    "seed": _whole(0, 2**32 - 1),
+    "threads": _whole(1, 1024),
+    "scenes": _whole(1, 1_000_000),  # 12 KiB each in memory
+    "world": {
+        "composite_probability": _number(0, 1),
+        "reserved_concepts": _text(null=True),
+    },
+    "autoencoder": {
+        "scenes": _whole(1),
+        "steps": _whole(1),
+        "batch_size": _whole(1),
+        "crop_size": _whole(1, null=True),
+        "learning_rate": _number(0),
+        "kl_weight": _number(0),
+        "warmup_steps": _whole(0),
+    },
+    "diffusion": {
+        "steps": _whole(1),
+        "batch_size": _whole(1),
+        "learning_rate": _number(0),
+        "warmup_steps": _whole(0),
+        "caption_dropout": _number(0, 1),
+        "snr_gamma": _number(0),
+        "ema_decay": _number(0, 1, below_high=True),
+        "gradient_clip": _number(0, null=True),
+        "init_from": _text(null=True),
+    },
+}
+#: Keys a recipe may leave out (the code has their defaults).
+OPTIONAL_RECIPE_KEYS = ("world.composite_probability", "world.reserved_concepts", "diffusion.init_from")
+
+
+def _check_fields(node: Any, fields: dict[str, Any], path: str) -> None:
+    if not isinstance(node, Mapping):
+        raise UsageError(f"{path or 'a recipe'} must be a mapping of {', '.join(fields)}, got {node!r}")
+    for key in node:
+        if key not in fields:
+            raise UsageError(str(unknown_key(path, str(key), fields)).replace("config key", "recipe key"))
+    for key, rule in fields.items():
+        where = f"{path}.{key}" if path else key
+        if key not in node:
+            if where in OPTIONAL_RECIPE_KEYS:
+                continue
+            raise UsageError(f"the recipe has no {where} (see {DEFAULT_RECIPE.relative_to(ROOT)})")
+        if isinstance(rule, dict):
+            _check_fields(node[key], rule, where)
+        elif not rule[0](node[key]):
+            raise UsageError(f"{where} must be {rule[1]}, got {node[key]!r}")
+
+
+def read_recipe(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
+    """The recipe files merged in order, then the overrides, checked before anything slow:
+    every key known and present, every value of its kind, the sizes consistent with each other
+    and the files it names readable; each mistake is one :class:`UsageError` line."""
+    parts = []
+    for path in files:
+        try:
+            part = OmegaConf.load(path)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}:" if mark else ""
+            raise UsageError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', None) or type(err).__name__})") from None
+        except (OmegaConfBaseException, OSError, UnicodeDecodeError) as err:
+            raise UsageError(f"{path}: cannot read the recipe ({type(err).__name__})") from None
+        if not isinstance(part, DictConfig):
+            raise UsageError(f"{path}: a recipe is a mapping of settings (see {DEFAULT_RECIPE.relative_to(ROOT)}), not a list")
+        parts.append(part)
+    try:
+        recipe = OmegaConf.merge(*parts, OmegaConf.from_dotlist(list(overrides)))
+        plain = OmegaConf.to_container(recipe, resolve=True)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise UsageError(f"the recipe does not merge or resolve: {str(err).splitlines()[0]}") from None
+    _check_fields(plain, RECIPE_FIELDS, "")
+    autoencoder, diffusion = plain["autoencoder"], plain["diffusion"]
+    if autoencoder["scenes"] > plain["scenes"]:
+        raise UsageError(f"autoencoder.scenes ({autoencoder['scenes']}) must not exceed scenes ({plain['scenes']})")
+    for name, batch, scenes in (("autoencoder", autoencoder["batch_size"], autoencoder["scenes"]), ("diffusion", diffusion["batch_size"], plain["scenes"])):
+        if batch > scenes:
+            raise UsageError(f"{name}.batch_size ({batch}) exceeds its {scenes} scenes: not one full batch to train on")
+    try:
+        factor = autoencoder_factor(OmegaConf.create({"model": load_model_config(plain["model_config"])}))
+    except ValueError as err:
+        raise UsageError(f"model_config: {err}") from None
+    crop = autoencoder["crop_size"]
+    if crop is not None and crop % factor:
+        raise UsageError(f"autoencoder.crop_size ({crop}) must be a multiple of the autoencoder's factor {factor}")
+    init_from = diffusion.get("init_from")
+    if init_from:
+        if not Path(init_from).is_file():
+            raise UsageError(f"diffusion.init_from: no base model at {init_from}")
+        try:
+            checkpoint_format(Path(init_from))
+        except CheckpointError as err:
+            raise UsageError(f"diffusion.init_from: {err}") from None
+    for key in ("output_dir", "cache_dir"):
+        check_writable(Path(plain[key]) if key == "cache_dir" else ROOT / plain[key], key)
+    return recipe
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """``folder`` can be created and written (nothing is created to find out)."""
+    existing = folder.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{key}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"{key}: {existing} is not writable")
 
 
 # ------------------------------------------------------------------ concepts
@@ -162,7 +322,18 @@ def load_model_config(paths: str | Sequence[str]) -> DictConfig:
     missing = [str(p) for p in paths if not (ROOT / p).is_file()]
     if missing:
         raise UsageError(f"model config not found: {', '.join(missing)}")
-    return OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in paths)).model
+    try:
+        merged = OmegaConf.merge(*(OmegaConf.load(ROOT / p) for p in paths))
+        model = OmegaConf.to_container(merged, resolve=True).get("model")
+    except (OmegaConfBaseException, yaml.YAMLError, AttributeError, ValueError) as err:
+        raise UsageError(f"model config {', '.join(paths)}: not a readable config ({str(err).splitlines()[0]})") from None
+    if not isinstance(model, Mapping) or "target" not in model:
+        raise UsageError(f"model config {', '.join(paths)}: no model section with a target (e.g. configs/miniworld/base.yaml)")
+    try:
+        check_bounds({"model": model})
+    except BoundsError as err:
+        raise UsageError(f"model config {', '.join(paths)}: {err}") from None
+    return merged.model
 
 
 def build_base_model(model_config: DictConfig):
@@ -235,7 +406,10 @@ def train_diffusion(recipe: DictConfig, model_config: DictConfig, images: np.nda
         init = Path(init_from)
         if not init.is_file():
             raise UsageError(f"diffusion.init_from: no base model at {init}")
-        model.load_base_checkpoint(str(init))
+        try:
+            model.load_base_checkpoint(str(init))
+        except CheckpointError as err:
+            raise UsageError(f"diffusion.init_from: {err}") from None
     if autoencoder_file.is_file():
         model.first_stage_model.load_state_dict(load_file(str(autoencoder_file)))
     else:
@@ -463,10 +637,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "make-concept":
             if args.count < 1:
                 raise UsageError(f"--count must be at least 1, got {args.count}")
+            if args.seed < 0:
+                raise UsageError(f"--seed must be >= 0, got {args.seed}")
             try:
                 spec = ConceptSpec.load(args.spec)
             except ValueError as err:
                 raise UsageError(str(err)) from None
+            check_writable(Path(args.out), "--out")
             paths = make_concept(spec, Path(args.out), args.count, args.seed)
             logger.info("%d photos of the concept in %s", len(paths), args.out)
             return 0
@@ -485,11 +662,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise UsageError(f"overrides look like diffusion.steps=100, got '{bad[0]}'")
-        recipe = OmegaConf.merge(*(OmegaConf.load(path) for path in files), OmegaConf.from_dotlist(overrides))
-        pretrain(recipe, args.stage, "python scripts/miniworld.py " + " ".join(argv))
+        pretrain(read_recipe(files, overrides), args.stage, "python scripts/miniworld.py " + " ".join(argv))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk or a folder removed during the run
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     return 0
 
 

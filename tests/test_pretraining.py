@@ -117,6 +117,119 @@ def test_make_concept_bad_spec_is_one_line(tmp_path, capsys):
     assert err.startswith("error: ") and "unknown shape 'blob'" in err and "\n" not in err
 
 
+SPEC_MISTAKES = {
+    "not valid YAML": ("name: x\n  shape: [\n", "line 2: not valid YAML"),
+    "a list": ("- ring\n", "a concept spec is a mapping of fields"),
+    "an unresolvable interpolation": ("name: ${nope}\nshape: ring\nparts: [{colour: red}, {colour: blue}]\n", "cannot read the spec"),
+    "a name that is a list": ("name: [a, b]\nshape: ring\nparts: [{colour: red}, {colour: blue}]\n", "name must be a word, got ['a', 'b']"),
+    "an empty name": ("name: ''\nshape: ring\nparts: [{colour: red}, {colour: blue}]\n", "name '' must be letters, digits"),
+    "a name with a slash": ("name: a/b\nshape: ring\nparts: [{colour: red}, {colour: blue}]\n", "name 'a/b' must be letters"),
+    "an init word that is a list": ("name: x\ninit_word: [a]\nshape: ring\nparts: [{colour: red}, {colour: blue}]\n", "init_word must be a word"),
+    "two init words": ("name: x\ninit_word: a ring\nshape: ring\nparts: [{colour: red}, {colour: blue}]\n", "init_word must be one word"),
+    "a part that is a word": ("name: x\nshape: ring\nparts: [red, blue]\n", "each part is {colour: ..., pattern: ...}"),
+    "a part with an unknown key": ("name: x\nshape: ring\nparts: [{colour: red, size: 3}, {colour: blue}]\n", "got {'colour': 'red', 'size': 3}"),
+    "a colour that is a list": ("name: x\nshape: ring\nparts: [{colour: [red]}, {colour: blue}]\n", "a part's colour must be a word"),
+    "an unknown colour": ("name: x\nshape: ring\nparts: [{colour: mauve}, {colour: blue}]\n", "unknown colour 'mauve'"),
+    "an unknown notch": ("name: x\nshape: ring\nnotch: middle\nparts: [{colour: red}, {colour: blue}]\n", "unknown notch 'middle'"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(SPEC_MISTAKES))
+def test_make_concept_spec_mistakes_are_one_line(tmp_path, capsys, mistake):
+    text, expected = SPEC_MISTAKES[mistake]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(text)
+    assert miniworld.main(["make-concept", str(spec), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {spec}") and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--out", "{file}/c"], "--out: {file} is a file, not a folder"),
+        (["--out", "{file}"], "--out: {file} is a file, not a folder"),
+        (["--out", "{tmp}/c", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    ],
+)
+def test_make_concept_argument_mistakes_are_one_line(tmp_path, capsys, argv, expected):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    argv = [word.format(file=a_file, tmp=tmp_path) for word in argv]
+    spec = ROOT / "configs" / "miniworld" / "concepts" / "sunset_ring.yaml"
+    assert miniworld.main(["make-concept", str(spec), *argv]) == 2
+    assert capsys.readouterr().err == f"error: {expected.format(file=a_file)}\n"
+
+
+def small_recipe(tmp_path: Path) -> list[str]:
+    return [
+        "model_config=configs/vico-tiny.yaml", f"cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'out'}",
+        "scenes=16", "autoencoder.scenes=16", "autoencoder.batch_size=8", "diffusion.batch_size=8",
+    ]  # fmt: skip
+
+
+RECIPE_MISTAKES = {
+    "an unknown key": (["diffusion.stpes=3"], "unknown recipe key 'diffusion.stpes'; nearest: diffusion.steps"),
+    "negative steps (Lightning's endless run)": (["diffusion.steps=-1"], "diffusion.steps must be a whole number >= 1, got -1"),
+    "no steps": (["autoencoder.steps=0"], "autoencoder.steps must be a whole number >= 1, got 0"),
+    "a batch of 0": (["diffusion.batch_size=0"], "diffusion.batch_size must be a whole number >= 1, got 0"),
+    "a batch larger than the scenes": (["diffusion.batch_size=64"], "diffusion.batch_size (64) exceeds its 16 scenes"),
+    "more autoencoder scenes than scenes": (["autoencoder.scenes=100"], "autoencoder.scenes (100) must not exceed scenes (16)"),
+    "no scenes": (["scenes=0"], "scenes must be a whole number from 1 to 1000000, got 0"),
+    "a learning rate in words": (["diffusion.learning_rate=fast"], "diffusion.learning_rate must be a number >= 0, got 'fast'"),
+    "a NaN learning rate": (["autoencoder.learning_rate=.nan"], "autoencoder.learning_rate must be a number >= 0, got nan"),
+    "a seed in words": (["seed=abc"], "seed must be a whole number from 0 to 4294967295, got 'abc'"),
+    "a negative seed": (["seed=-1"], "seed must be a whole number from 0 to 4294967295, got -1"),
+    "no threads": (["threads=0"], "threads must be a whole number from 1 to 1024, got 0"),
+    "a model config that is a number": (["model_config=3"], "model_config must be a config path or a list of them, got 3"),
+    "a model config without a model": (["model_config=configs/miniworld/pretrain.yaml"], "no model section with a target"),
+    "a world that is a number": (["world=3"], "world must be a mapping of composite_probability, reserved_concepts, got 3"),
+    "a probability above 1": (["world.composite_probability=2"], "world.composite_probability must be a number from 0 to 1, got 2"),
+    "no output folder": (["output_dir=null"], "output_dir must be a path, got None"),
+    "a crop the autoencoder cannot take": (["autoencoder.crop_size=30"], "autoencoder.crop_size (30) must be a multiple of the autoencoder's factor 4"),
+    "an EMA decay of 1": (["diffusion.ema_decay=1"], "diffusion.ema_decay must be a number from 0 to 1 (excluded), got 1"),
+    "a section that is null": (["autoencoder=null"], "autoencoder must be a mapping of scenes"),
+    "a section that is a list": (["diffusion=[1,2]"], "the recipe does not merge or resolve: Cannot merge incompatible container types"),
+    "an unresolvable interpolation": (["seed=${nope}"], "the recipe does not merge or resolve: Interpolation key 'nope' not found"),
+    "init_from a folder": (["diffusion.init_from={tmp}"], "diffusion.init_from: no base model at {tmp}"),
+    "init_from a file that is no checkpoint": (["diffusion.init_from={file}"], "diffusion.init_from: {file}: is empty (0 bytes)"),
+    "an output folder under a file": (["output_dir={file}/out"], "output_dir: {file} is a file, not a folder"),
+}
+
+
+@pytest.mark.parametrize("mistake", sorted(RECIPE_MISTAKES))
+def test_pretrain_recipe_mistakes_are_one_line_before_anything_runs(tmp_path, capsys, mistake):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+
+    def filled(text: str) -> str:
+        return text.replace("{tmp}", str(tmp_path)).replace("{file}", str(a_file))
+
+    overrides, expected = RECIPE_MISTAKES[mistake]
+    argv = ["pretrain", "--config", str(miniworld.DEFAULT_RECIPE), *small_recipe(tmp_path), *map(filled, overrides)]
+    assert miniworld.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and filled(expected) in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no cache, no output
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", "the recipe has no model_config (see configs/miniworld/pretrain.yaml)"),
+        ("- a\n", "a recipe is a mapping of settings (see configs/miniworld/pretrain.yaml), not a list"),
+        ("seed: [\n", "line 2: not valid YAML"),
+    ],
+)
+def test_pretrain_recipe_file_mistakes_are_one_line(tmp_path, capsys, text, expected):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    assert miniworld.main(["pretrain", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err
+
+
 def test_pretrain_end_to_end_writes_a_loadable_base(tmp_path, capsys):
     """Both stages for a few steps on 32 scenes; the result loads through the SD base loader."""
     overrides = [

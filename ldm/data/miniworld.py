@@ -21,13 +21,16 @@ in those coordinates, so they move with the object. Every picture is rendered at
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 Array = np.ndarray
 
@@ -509,28 +512,39 @@ class ConceptSpec:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], source: str = "concept") -> ConceptSpec:
+        """Check every field's presence and type, then build; each mistake is a one-line ``ValueError``."""
         known = {"name", "init_word", "shape", "split", "parts", "notch"}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(str(key) for key in set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown field {unknown[0]!r}; fields are {', '.join(sorted(known))}")
         for required in ("name", "shape", "parts"):
             if required not in data:
                 raise ValueError(f"{source}: missing field {required!r}")
+        for name in ("name", "init_word", "shape", "split", "notch"):
+            if name in data and not isinstance(data[name], str):
+                raise ValueError(f"{source}: {name} must be a word, got {data[name]!r}")
+        if not CONCEPT_NAME.match(data["name"]):
+            raise ValueError(f"{source}: name {data['name']!r} must be letters, digits, '_' or '-' (it names folders)")
+        init_word = data.get("init_word", data["shape"])
+        if not init_word or len(init_word.split()) != 1:
+            raise ValueError(f"{source}: init_word must be one word, got {init_word!r}")
         parts_data = data["parts"]
         if not isinstance(parts_data, Sequence) or isinstance(parts_data, str) or len(parts_data) != 2:
             raise ValueError(f"{source}: 'parts' must list two parts, e.g. [{{colour: red, pattern: dotted}}, ...]")
+        for part in parts_data:
+            if not isinstance(part, Mapping) or "colour" not in part or set(part) - {"colour", "pattern"}:
+                raise ValueError(f"{source}: each part is {{colour: ..., pattern: ...}} (pattern optional), got {part!r}")
+            for name, value in part.items():
+                if not isinstance(value, str):
+                    raise ValueError(f"{source}: a part's {name} must be a word, got {value!r}")
         try:
-            parts = tuple(Part(str(p["colour"]), str(p.get("pattern", "plain"))) for p in parts_data)
-            obj = WorldObject(
-                str(data["shape"]), parts, str(data.get("split", "vertical")), str(data.get("notch", "none"))
-            )
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{source}: each part needs a colour ({err})") from None
+            parts = tuple(Part(p["colour"], p.get("pattern", "plain")) for p in parts_data)
+            obj = WorldObject(data["shape"], parts, data.get("split", "vertical"), data.get("notch", "none"))
         except ValueError as err:
             raise ValueError(f"{source}: {err}") from None
         if not obj.is_composite:
             raise ValueError(f"{source}: a concept must not be nameable: give its parts different looks or a notch")
-        return cls(str(data["name"]), str(data.get("init_word", data["shape"])), obj)
+        return cls(data["name"], init_word, obj)
 
     @classmethod
     def load(cls, path: str | Path) -> ConceptSpec:
@@ -542,9 +556,16 @@ class ConceptSpec:
             path = path / "concept.yaml"
         if not path.is_file():
             raise ValueError(f"concept spec not found: {path}")
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        try:
+            data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}:" if mark else ""
+            raise ValueError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', None) or type(err).__name__})") from None
+        except (OmegaConfBaseException, UnicodeDecodeError, OSError) as err:
+            raise ValueError(f"{path}: cannot read the spec ({' '.join(str(err).split()[:12])})") from None
         if not isinstance(data, Mapping):
-            raise ValueError(f"{path}: a concept spec is a mapping of fields")
+            raise ValueError(f"{path}: a concept spec is a mapping of fields (name, shape, parts, ...)")
         spec = {key: value for key, value in data.items() if key not in CONCEPT_FOLDER_FIELDS}
         return cls.from_mapping(spec, str(path))
 
@@ -562,6 +583,8 @@ class ConceptSpec:
 
 #: Fields make-concept adds to a folder's concept.yaml besides the spec: how its photos were drawn.
 CONCEPT_FOLDER_FIELDS = ("photos", "seed")
+#: A concept's name names folders (its photos, its evaluation).
+CONCEPT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 #: Concept photos are drawn with less rotation than pretraining scenes, so that "left half"
 #: stays a left half in the picture, and always alone (no second object).
 CONCEPT_SAMPLER = WorldSampler(main_radius=(15.0, 22.0), extra_probability=0.0, max_angle=20.0)
