@@ -57,6 +57,9 @@ CHECKPOINT_VALUES = frozenset({"every_n_train_steps", "save_top_k", "save_last"}
 PROJECT_CALLBACKS = frozenset({"ldm.callbacks.ImageLogger", "ldm.callbacks.TrainedWeightsExport", "ldm.callbacks.StepTime"})
 #: Callback parameters that are paths: never taken from a stored config.
 PATH_PARAMETERS = frozenset({"logdir", "dirpath", "filename", "save_dir"})
+#: Values of the model and data sections that name a folder the run *writes* into, with the
+#: target that writes there: dropped from a stored config (the run's own folder is used).
+WRITTEN_VALUE_PATHS = {"data.params.class_images.params.folder": "ldm.data.class_images.GeneratedClassImages"}
 #: Sub-folders main.py writes into; none may lead outside the run folder.
 WRITTEN_FOLDERS = ("configs", "checkpoints", "images", "tensorboard", "metrics")
 
@@ -67,14 +70,15 @@ def resume_values(config: DictConfig, source: str | Path) -> DictConfig:
     What is dropped is logged in one line, so a user who resumes their own run with a custom
     logger knows to pass it again.
     """
-    kept: dict[str, Any] = {key: config[key] for key in VALUE_SECTIONS if key in config}
-    dropped: list[str] = [str(key) for key in config if key not in VALUE_SECTIONS and key != "lightning"]
+    values = OmegaConf.create({key: config[key] for key in VALUE_SECTIONS if key in config})
+    dropped = [str(key) for key in config if key not in (*VALUE_SECTIONS, "lightning")]
+    dropped += _drop_written_paths(values)
     lightning = config.get("lightning")
     if isinstance(lightning, DictConfig):
-        kept_lightning, dropped_lightning = _lightning_values(lightning)
+        kept, dropped_lightning = _lightning_values(lightning)
         dropped += dropped_lightning
-        if kept_lightning:
-            kept["lightning"] = kept_lightning
+        if kept:
+            values.lightning = kept
     elif lightning is not None:
         dropped.append("lightning")
     if dropped:
@@ -83,7 +87,19 @@ def resume_values(config: DictConfig, source: str | Path) -> DictConfig:
             "the project's defaults and your command line): %s",
             source, ", ".join(dropped),
         )
-    return OmegaConf.create(kept)
+    return values
+
+
+def _drop_written_paths(values: DictConfig) -> list[str]:
+    """Remove :data:`WRITTEN_VALUE_PATHS` whose node is built by the class that writes there."""
+    dropped = []
+    for key, writer in WRITTEN_VALUE_PATHS.items():
+        parent, _, name = key.rpartition(".")
+        node = OmegaConf.select(values, parent)
+        if isinstance(node, DictConfig) and name in node and OmegaConf.select(values, parent.rpartition(".")[0] + ".target") == writer:
+            del node[name]
+            dropped.append(key)
+    return dropped
 
 
 def _lightning_values(lightning: DictConfig) -> tuple[dict[str, Any], list[str]]:

@@ -314,3 +314,15 @@ def test_fuzz_no_merge_of_stored_configs_builds_an_untrusted_target():
         plain = OmegaConf.to_container(merged, resolve=True)
         assert all(is_trusted_target(target) for _, target in targets(plain)), files
     assert accepted > 30 and refused > 30, (accepted, refused)  # both sides were exercised
+
+
+def test_a_stored_folder_the_run_writes_class_images_into_is_dropped(tmp_path):
+    stored = OmegaConf.create({"data": {"target": "ldm.data.personalized.PersonalizedDataModule", "params": {
+        "class_images": {"target": "ldm.data.class_images.GeneratedClassImages",
+                         "params": {"class_word": "dog", "folder": str(tmp_path / "elsewhere")}}}}})  # fmt: skip
+    values = resume_values(stored, "stored.yaml")
+    assert "folder" not in values.data.params.class_images.params
+    assert values.data.params.class_images.params.class_word == "dog"
+    # a folder that is only read (images the user brings) is a value like the photos' folder
+    stored.data.params.class_images.target = "ldm.data.class_images.ClassImageFolder"
+    assert resume_values(stored, "stored.yaml").data.params.class_images.params.folder == str(tmp_path / "elsewhere")

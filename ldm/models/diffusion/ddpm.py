@@ -37,6 +37,7 @@ class LatentDiffusion(LatentDiffusionModel, pl.LightningModule):
 
     seed: int = 0
     run_config: dict[str, Any] | None = None
+    reference_object_masks: torch.Tensor | None = None
 
     @property
     def strict_loading(self) -> bool:
@@ -51,6 +52,8 @@ class LatentDiffusion(LatentDiffusionModel, pl.LightningModule):
         datamodule = self.trainer.datamodule
         dataset = datamodule.train_dataset
         self.cache_first_stage(dataset.pixels(), with_flips=dataset.flip_p > 0)
+        masks = dataset.object_mask_pixels() if hasattr(dataset, "object_mask_pixels") else None
+        self.reference_object_masks = None if masks is None else masks.to(self.device)
         dtype = autocast_dtype(self.trainer.precision)
         self.prepare_class_images(getattr(datamodule, "class_images", None), dtype)
         if dtype is not None:  # the frozen UNet and text encoder, cast once (bit-identical to autocast's casts)
@@ -100,13 +103,21 @@ class LatentDiffusion(LatentDiffusionModel, pl.LightningModule):
         context = self.get_learned_conditioning(tokens)
         t = torch.randint(0, self.num_timesteps, (latent.shape[0],), device=self.device, generator=generator)
         noise = torch.randn(latent.shape, generator=generator, device=self.device, dtype=latent.dtype)
-        reference = self.reference_condition(reference_latent, context, tokens)
+        reference = self.reference_condition(reference_latent, context, tokens, object_mask=self.reference_object_mask(batch))
         loss, logs = self.p_losses(latent, t, context, reference, noise=noise)
         if self.prior_loss_weight:
             loss, logs = self.add_prior_loss(loss, logs, batch, generator)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, on_step=True, batch_size=latent.shape[0])
         self.log("loss", logs["loss"], prog_bar=True, logger=False, batch_size=latent.shape[0])
         return loss
+
+    def reference_object_mask(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The true object masks of the batch's references (mirrored with them), when the data gives masks."""
+        if self.reference_object_masks is None:
+            return None
+        masks = self.reference_object_masks[batch["reference_index"]]
+        flip = torch.as_tensor(batch["reference_flip"], device=masks.device).view(-1, 1, 1)
+        return torch.where(flip, masks.flip(-1), masks)
 
     def add_prior_loss(
         self, loss: torch.Tensor, logs: dict[str, torch.Tensor], batch: Mapping[str, Any], generator: torch.Generator

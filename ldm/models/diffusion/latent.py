@@ -329,9 +329,11 @@ class LatentDiffusionModel(nn.Module):
         timesteps: torch.Tensor | None = None,
         references_per_group: int = 1,
         compute_regularizer: bool = False,
+        object_mask: torch.Tensor | None = None,
     ) -> ReferenceCondition:
         """Describe the reference stream: its latent, the context it attends to, and where
-        S* and end-of-text sit in that context."""
+        S* and end-of-text sit in that context (``object_mask``: given masks of the references
+        in place of the Otsu masks, :class:`ReferenceCondition`)."""
         placeholder_index, eot_index, _found = self.embedding_manager.placeholder_positions(tokens)
         return ReferenceCondition(
             latent=reference_latent,
@@ -341,6 +343,7 @@ class LatentDiffusionModel(nn.Module):
             timesteps=timesteps,
             references_per_group=references_per_group,
             compute_regularizer=compute_regularizer,
+            object_mask=object_mask,
         )
 
     # ---------------------------------------------------------------- process
