@@ -97,7 +97,7 @@ def is_trusted_target(target: Any) -> bool:
 
 def _interpolated_targets(node: DictConfig | ListConfig, path: str = "") -> Iterable[str]:
     """Dotted paths in ``node`` where an interpolation (``${...}``) gives a ``target`` or a
-    section that may hold one: values from elsewhere that would decide what is built."""
+    section that holds one: values from elsewhere that would decide what is built."""
     keys: Iterable[Any] = node.keys() if isinstance(node, DictConfig) else range(len(node))
     for key in keys:
         where = f"{path}.{key}" if path else str(key)
@@ -106,7 +106,9 @@ def _interpolated_targets(node: DictConfig | ListConfig, path: str = "") -> Iter
                 value = node[key]
             except OmegaConfBaseException:
                 continue  # reported when the config is resolved
-            if key == "target" or isinstance(value, (DictConfig, ListConfig)):
+            if key == "target" or (
+                isinstance(value, (DictConfig, ListConfig)) and any(True for _ in _config_targets(OmegaConf.to_container(value)))
+            ):
                 yield where
             continue
         child = node._get_node(key)
