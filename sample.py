@@ -87,6 +87,7 @@ from ldm.models.loading import (
     default_image_size,
     read_vico_weights,
     resolve_config,
+    size_multiple,
 )
 from ldm.modules.vico import AttentionRecord
 from ldm.util import CheckpointError
@@ -96,6 +97,11 @@ logger = logging.getLogger("sample")
 #: Fractions of the sampling run whose attention maps ``--save_attention`` draws.
 ATTENTION_STEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 GRID_PADDING = 2
+#: The largest --H/--W accepted, 16 times SD v1's 512 px (--H 400000 used to be killed for
+#: memory while the reference was resized).
+MAX_SIZE = 8192
+#: The seeds torch.Generator.manual_seed accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
 NEGATIVE_SEPARATOR = "|"
 SAMPLE_NAME = re.compile(r"^(\d+)\.png$")
 
@@ -298,12 +304,19 @@ def plan_references(job: Job, model: LatentDiffusionModel) -> None:
 
 
 def parse_device(name: str, precision: str) -> torch.device:
+    """A device that holds data and that this torch can use: cpu, cuda (an existing index) or mps."""
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UsageError(f"unknown --device '{name}'") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: models run on cpu, cuda or mps, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: no such CUDA device; this machine has {torch.cuda.device_count()}")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine")
     if precision == "autocast" and device.type != "cuda":
         raise UsageError("--precision autocast needs a CUDA device; use --precision full on the CPU")
     return device
@@ -322,6 +335,19 @@ def choose_sampler(args: argparse.Namespace) -> str:
     if args.spacing != "uniform" and name in DDIM_GRID_SAMPLERS:
         raise UsageError(f"--spacing {args.spacing} is for --sampler dpmpp_2m or euler_a, not {name}")
     return name
+
+
+def check_seeds(args: argparse.Namespace) -> None:
+    """Every seed the run will use (image ``j``: ``--seed + j``; references: ``--reference_seed``
+    plus ``iteration * n_samples``) must be one ``torch.Generator.manual_seed`` takes."""
+    last = (args.n_iter * args.n_samples) - 1
+    reference_last = (args.n_iter - 1) * args.n_samples
+    for flag, first, end in (("--seed", args.seed, last), ("--reference_seed", args.reference_seed, reference_last)):
+        if first is not None and not (SEED_RANGE[0] <= first and first + end <= SEED_RANGE[1]):
+            raise UsageError(
+                f"{flag} {first}: the seeds of this run ({first} to {first + end}) must lie between "
+                f"{SEED_RANGE[0]} and {SEED_RANGE[1]}"
+            )
 
 
 def check_steps(name: str, steps: int, num_timesteps: int) -> None:
@@ -347,9 +373,16 @@ def prepare(args: argparse.Namespace) -> Job:
     default_size = default_image_size(config)
     height = args.H or default_size
     width = args.W or (args.H or default_size)
+    multiple = size_multiple(config)
     for flag, value in (("--H", height), ("--W", width)):
         if value <= 0 or value % factor:
             raise UsageError(f"{flag} {value} is not a positive multiple of the autoencoder factor {factor}")
+        if value % multiple or value > MAX_SIZE:
+            raise UsageError(
+                f"{flag} {value}: this model samples sizes that are multiples of {multiple} (the autoencoder "
+                f"factor {factor} times the UNet's downsampling), up to {MAX_SIZE}"
+            )
+    check_seeds(args)
     check_steps(sampler, args.ddim_steps, int(config.model.params.get("timesteps", 1000)))
     base_checkpoint_path(config, args.base_ckpt, weights.source, weights.folder)
     placeholders = OmegaConf.select(config, "model.params.personalization_config.params.placeholder_strings") or []

@@ -99,6 +99,7 @@ from ldm.util import CheckpointError  # noqa: E402
 from sample import (  # noqa: E402
     OneLineErrorParser,
     UsageError,
+    check_outdir,
     make_grid,
     parse_device,
     save_png,
@@ -117,6 +118,8 @@ SHEET_CELL = 256
 #: Table 2's columns and the ConceptScores fields they come from.
 METRICS = {"I_DINO": "i_dino", "I_CLIP": "i_clip", "T_CLIP": "t_clip"}
 CSV_COLUMNS = ("concept", *METRICS, "num_generated", "num_real")
+#: The last 12 bytes of a whole PNG file: its IEND chunk.
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 T_CLIP_TEXTS = {False: "prompt without the placeholder", True: "placeholder replaced by the class word"}
 
 
@@ -237,10 +240,10 @@ class ConceptJob:
         return [self.sample_path(p, s) for p in range(len(self.prompts)) for s in range(self.n_samples)]
 
     def missing(self) -> dict[int, list[int]]:
-        """Prompt index -> indices of its samples not on disk yet."""
+        """Prompt index -> indices of its samples not on disk yet (or not whole: :func:`is_finished_sample`)."""
         missing: dict[int, list[int]] = {}
         for prompt_index in range(len(self.prompts)):
-            samples = [s for s in range(self.n_samples) if not self.sample_path(prompt_index, s).is_file()]
+            samples = [s for s in range(self.n_samples) if not is_finished_sample(self.sample_path(prompt_index, s))]
             if samples:
                 missing[prompt_index] = samples
         return missing
@@ -325,7 +328,10 @@ def prepare(args: argparse.Namespace) -> Evaluation:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
+    if args.seed < 0:
+        raise UsageError(f"--seed must be >= 0, got {args.seed}")
     device = parse_device(args.device, "full")
+    check_outdir(args.outdir)
     table = {concept.name: concept for concept in load_concepts()}
     specs = [parse_concept(text, table) for text in args.concept]
     names = [spec.name for spec in specs]
@@ -342,6 +348,20 @@ def prompt_seed(seed: int, concept: str, prompt_index: int) -> int:
     """The seed of one (concept, prompt): independent of the other prompts and concepts evaluated."""
     key = np.random.SeedSequence((seed, zlib.crc32(concept.encode("utf-8")), prompt_index))
     return int(key.generate_state(1)[0])
+
+
+def is_finished_sample(path: Path) -> bool:
+    """Whether ``path`` is a whole PNG (it ends with the IEND chunk). A sample is renamed into
+    place only once written, but the rename is not synced: after a crash or a power cut the file
+    may be empty or cut short, and it is then drawn again instead of failing the scoring."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.seek(0, os.SEEK_END) < len(PNG_END):
+                return False
+            handle.seek(-len(PNG_END), os.SEEK_END)
+            return handle.read() == PNG_END
+    except OSError:
+        return False
 
 
 def save_png_atomically(image: np.ndarray, path: Path) -> None:
@@ -495,7 +515,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
-    run(evaluation, clip, dino)
+    try:
+        run(evaluation, clip, dino)
+    except OSError as err:  # a full disk or a folder removed during the run: finished samples stay
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
     return 0
 
 

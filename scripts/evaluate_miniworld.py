@@ -86,7 +86,7 @@ from ldm.models.loading import load_vico_model  # noqa: E402
 from ldm.modules.vico import AttentionRecord  # noqa: E402
 from ldm.util import CheckpointError  # noqa: E402
 from sample import OneLineErrorParser, UsageError, attention_picture, make_grid, parse_device, to_uint8  # noqa: E402
-from scripts.evaluate import save_png_atomically, text_cell  # noqa: E402
+from scripts.evaluate import is_finished_sample, save_png_atomically, text_cell  # noqa: E402
 from scripts.miniworld import build_base_model, make_concept  # noqa: E402
 
 logger = logging.getLogger("evaluate_miniworld")
@@ -322,10 +322,10 @@ class MethodJob:
         return [self.sample_path(scene, s) for scene in self.scenes for s in range(self.n_samples)]
 
     def missing(self) -> dict[str, list[int]]:
-        """Scene -> indices of its samples not on disk yet."""
+        """Scene -> indices of its samples not on disk yet (or not whole: :func:`is_finished_sample`)."""
         missing = {}
         for scene in self.scenes:
-            samples = [s for s in range(self.n_samples) if not self.sample_path(scene, s).is_file()]
+            samples = [s for s in range(self.n_samples) if not is_finished_sample(self.sample_path(scene, s))]
             if samples:
                 missing[scene] = samples
         return missing

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -147,6 +148,34 @@ def test_resume_regenerates_only_missing_images(checkpoint, extractors, first_ru
     assert calls == []
 
 
+def test_empty_and_cut_samples_are_drawn_again(checkpoint, extractors, first_run, monkeypatch):
+    """A crash after a sample's (unsynced) rename may leave it empty or cut short."""
+    samples = first_run / CONCEPT / "samples"
+    originals = {name: read_png(samples / name) for name in ("p00-s00.png", "p01-s01.png")}
+    (samples / "p00-s00.png").write_bytes(b"")
+    (samples / "p01-s01.png").write_bytes((samples / "p01-s01.png").read_bytes()[:100])
+    calls = []
+    original_sample = DDIMSampler.sample
+
+    def counting_sample(self, *args, **kwargs):
+        calls.append(kwargs["batch_size"])
+        return original_sample(self, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMSampler, "sample", counting_sample)
+    evaluate.run(prepare(argv(checkpoint, first_run)), *extractors)
+    assert calls == [2, 2]
+    for name, image in originals.items():
+        assert np.array_equal(read_png(samples / name), image), name
+
+
+def test_a_read_only_outdir_is_one_line_before_the_metric_networks_load(checkpoint, tmp_path, capsys, monkeypatch):
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real_access(path, mode))
+    monkeypatch.setattr(evaluate, "load_dino", lambda *args: pytest.fail("the metric networks were loaded first"))
+    assert evaluate.main(argv(checkpoint, tmp_path / "out")) == 2
+    assert capsys.readouterr().err == f"error: --outdir {tmp_path / 'out'}: {tmp_path} is not writable\n"
+
+
 def error_cases(checkpoint: Path, tmp_path: Path, dino_file: Path) -> dict[str, tuple[list[str], str]]:
     out = tmp_path / "out"
     return {
@@ -171,6 +200,8 @@ def error_cases(checkpoint: Path, tmp_path: Path, dino_file: Path) -> dict[str, 
             "'colour=red' is not one of",
         ),
         "bad steps": (argv(checkpoint, out, "--ddim_steps", "3"), "3 sampling steps do not fit"),
+        "negative seed": (argv(checkpoint, out, "--seed", "-1"), "--seed must be >= 0, got -1"),
+        "meta device": (argv(checkpoint, out, "--device", "meta"), "--device meta: models run on cpu, cuda or mps"),
         "missing dino weights": (argv(checkpoint, out), "DINO ViT-S/16 weights not found"),
         "missing clip weights": (
             argv(checkpoint, out, "--dino_weights", str(dino_file)),

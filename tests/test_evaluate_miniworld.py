@@ -139,6 +139,19 @@ def test_resuming_keeps_what_is_done_and_adds_what_is_asked(first_run, random_wo
     assert [row["num_generated"] for row in rows] == [4, 4]
 
 
+def test_an_empty_or_cut_sample_is_drawn_again(random_world, tmp_path):
+    """A crash after a sample's (unsynced) rename may leave it empty or cut short."""
+    outdir = tmp_path / "out"
+    evaluate(argv(random_world, outdir, "--methods", "renderer"))
+    samples = outdir / CONCEPT / "renderer" / "samples"
+    originals = {path.name: path.read_bytes() for path in samples.iterdir()}
+    (samples / "beach-s00.png").write_bytes(b"")
+    (samples / "beach-s01.png").write_bytes(originals["beach-s01.png"][:50])
+    rows = evaluate(argv(random_world, outdir, "--methods", "renderer"))
+    assert {path.name: path.read_bytes() for path in samples.iterdir()} == originals
+    assert rows[0]["num_generated"] == 2
+
+
 def test_overrides_reach_every_training_and_are_part_of_the_settings(first_run, random_world, tmp_path, capsys):
     outdir = tmp_path / "faster-attention"
     override = "model.params.image_attention_learning_rate=0.003"

@@ -415,6 +415,14 @@ def bad_input_cases(files, bad_files, tmp_path):
         "random bytes": (["--ckpt", str(random_bytes)], "not a checkpoint (neither"),
         "two separators": (["--from_file", str(two_negatives)], "has more than one '|'"),
         "outdir under a file": (["--outdir", str(a_file / "out")], "a-file is a file, not a folder"),
+        "H below the UNet's downsampling": (["--H", "4"], "--H 4: this model samples sizes that are multiples of 8"),
+        "W off the UNet's downsampling": (["--W", "12"], "--W 12: this model samples sizes that are multiples of 8"),
+        "H too large": (["--H", "400000"], "multiples of 8 (the autoencoder factor 4 times the UNet's downsampling), up to 8192"),
+        "seed beyond torch's": (["--seed", str(2**70)], f"--seed {2**70}: the seeds of this run"),
+        "last seed beyond torch's": (["--seed", str(2**64 - 1)], f"({2**64 - 1} to {2**64}) must lie between"),
+        "reference seed beyond torch's": (["--reference_seed", str(-(2**70))], "--reference_seed"),
+        "meta device": (["--device", "meta"], "--device meta: models run on cpu, cuda or mps, not meta"),
+        "xpu device": (["--device", "xpu"], "--device xpu: models run on cpu, cuda or mps, not xpu"),
     }
 
 

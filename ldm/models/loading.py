@@ -37,6 +37,7 @@ from torch import nn
 
 from ldm import CONFIG_DIR
 from ldm.models.diffusion.latent import SAMPLING_CLASSES, LatentDiffusionModel
+from ldm.modules.diffusionmodules.openaimodel import DEFAULT_CHANNEL_MULT
 from ldm.modules.embedding_manager import load_authors_embeddings
 from ldm.util import (
     CheckpointError,
@@ -240,6 +241,14 @@ def autoencoder_factor(config: DictConfig) -> int:
     except (AttributeError, OmegaConfBaseException):
         raise ValueError("config has no model.params.first_stage_config.params.ddconfig") from None
     return 2 ** (len(ddconfig.get("ch_mult", _ENCODER_CH_MULT)) - 1)
+
+
+def size_multiple(config: DictConfig) -> int:
+    """What a sampling size must be a multiple of, in pixels: the autoencoder factor times the
+    UNet's downsampling, so that every level's skip connection matches (64 for SD v1)."""
+    channel_mult = OmegaConf.select(config, "model.params.unet_config.params.channel_mult", default=None)
+    levels = len(channel_mult) if channel_mult is not None else len(DEFAULT_CHANNEL_MULT)
+    return autoencoder_factor(config) * 2 ** (levels - 1)
 
 
 def default_image_size(config: DictConfig) -> int:
