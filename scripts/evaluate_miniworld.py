@@ -40,7 +40,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,27 +109,87 @@ ATTENTION_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 class Method:
     """A row of the table: how its pictures are made.
 
-    ``kind``: ``renderer`` (drawn by the renderer), ``base`` (the base model prompted with
-    the init word) or ``trained`` (main.py with ``configs/miniworld/vico.yaml`` and ``ablations``).
+    Attributes:
+        kind: ``renderer`` (drawn by the renderer), ``base`` (the base model prompted with the
+            init word) or ``trained`` (main.py with ``configs/miniworld/vico.yaml``, then ``configs``).
+        configs: YAML files merged after ``configs/miniworld/vico.yaml`` (ablations, baselines).
+        overrides: this row's own ``main.py`` overrides (after the command's ``--overrides``).
+        steps: this row's training steps; ``None``: the command's ``--train_steps`` (ViCo's budget).
+        photos: how many of the concept's photos it trains on (the first ones); ``None``: all.
+        init_word: the word S* starts from; ``None``: the concept's.
+        reference: the reference photo at sampling: ``seen`` (the first training photo) or
+            ``unseen`` (a photo of the concept drawn apart from the training photos).
+        sample_with_reference: ``False`` samples a trained ViCo with S* alone (no reference stream).
+        true_mask: the image attention is masked by the reference's true object mask instead
+            of the Otsu mask of the S* attention, at training and at sampling (paper Fig. 9).
+        trained_as: the row whose trained model this row samples (same concept and seed) instead
+            of training its own: rows that differ only at sampling share one training.
     """
 
     name: str
     label: str
     kind: str
-    ablations: tuple[str, ...] = ()
+    configs: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    steps: int | None = None
+    photos: int | None = None
+    init_word: str | None = None
+    reference: str = "seen"
+    sample_with_reference: bool = True
+    true_mask: bool = False
+    trained_as: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("renderer", "base", "trained"):
+            raise ValueError(f"method {self.name}: unknown kind '{self.kind}'")
+        if self.reference not in ("seen", "unseen"):
+            raise ValueError(f"method {self.name}: reference must be 'seen' or 'unseen', got '{self.reference}'")
+
+def recipe_steps(config: str) -> int:
+    """The training steps a baseline's own recipe sets (``lightning.trainer.max_steps`` of its YAML)."""
+    return int(OmegaConf.load(ROOT / config).lightning.trainer.max_steps)
 
 
+TI_RECIPE = "configs/baselines/miniworld/textual-inversion.yaml"
+DREAMBOOTH = "configs/baselines/miniworld/dreambooth.yaml"
+CUSTOM_DIFFUSION = "configs/baselines/miniworld/custom-diffusion.yaml"
+
+#: Every row the evaluation knows. The first six are the default of ``--methods``; the others
+#: are the paper's baselines at their own recipes and the ablations
+#: (``scripts/reproduce_miniworld.py`` runs them all).
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
         Method("renderer", "renderer (ceiling)", "renderer"),
         Method("base", "base model + init word", "base"),
-        Method("textual-inversion", "Textual Inversion", "trained", ("configs/ablations/textual-inversion.yaml",)),
+        Method("textual-inversion", "Textual Inversion (ViCo's 400 steps)", "trained", ("configs/ablations/textual-inversion.yaml",)),
         Method("vico", "ViCo", "trained"),
         Method("no-mask", "ViCo w/o mask", "trained", ("configs/ablations/no-mask.yaml",)),
         Method("no-regularizer", "ViCo w/o regulariser", "trained", ("configs/ablations/no-regularizer.yaml",)),
+        # Table 2's baselines at their own published recipes (configs/baselines/, docs/BASELINES.md)
+        Method("textual-inversion-recipe", f"Textual Inversion (its recipe, {recipe_steps(TI_RECIPE)} steps)", "trained",
+               (TI_RECIPE,), steps=recipe_steps(TI_RECIPE)),
+        Method("dreambooth", f"DreamBooth ({recipe_steps(DREAMBOOTH)} steps)", "trained", (DREAMBOOTH,), steps=recipe_steps(DREAMBOOTH)),
+        Method("custom-diffusion", f"Custom Diffusion ({recipe_steps(CUSTOM_DIFFUSION)} steps)", "trained",
+               (CUSTOM_DIFFUSION,), steps=recipe_steps(CUSTOM_DIFFUSION)),
+        Method("vico-lr1e-5", "ViCo, image attention at the paper's 1e-5", "trained", ("configs/baselines/vico-lr1e-5.yaml",)),
+        # ablations of ViCo (paper Figs. 5-9, 11, 13; Appendix C-D)
+        Method("paper-mask", "ViCo, mask after the softmax (Eq. 5)", "trained", ("configs/ablations/paper-mask.yaml",)),
+        Method("encoder-layers", "ViCo, image attention in the encoder", "trained", ("configs/ablations/encoder-layers.yaml",)),
+        Method("both-layers", "ViCo, image attention in encoder and decoder", "trained", ("configs/ablations/both-layers.yaml",)),
+        Method("photos-1", "ViCo, 1 training photo", "trained", photos=1),
+        Method("photos-3", "ViCo, 3 training photos", "trained", photos=3),
+        Method("init-object", "ViCo, S* from 'object'", "trained", init_word="object"),
+        Method("textual-inversion-init-object", "Textual Inversion, S* from 'object'", "trained",
+               ("configs/ablations/textual-inversion.yaml",), init_word="object"),
+        Method("steps-300", "ViCo, 300 steps", "trained", steps=300),
+        Method("reference-unseen", "ViCo, unseen reference photo", "trained", reference="unseen", trained_as="vico"),
+        Method("no-reference", "ViCo sampled without its reference (S* alone)", "trained", sample_with_reference=False,
+               trained_as="vico"),
+        Method("true-mask", "ViCo with the true object mask", "trained", true_mask=True),
     )
 }
+DEFAULT_METHODS = ("renderer", "base", "textual-inversion", "vico", "no-mask", "no-regularizer")
 #: Table columns: metric key -> header.
 COLUMNS = {
     "object_fidelity": "object fidelity",
@@ -158,7 +218,9 @@ class TrainingError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(description="Train and score ViCo and its ablations on the miniature world's concepts.")
     parser.add_argument("--concepts", nargs="+", help=f"concept specs (default: every YAML of {CONCEPTS_DIR.relative_to(ROOT)})")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated rows of the table")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated rows of the table, any of: {', '.join(METHODS)}"
+    )
     parser.add_argument("--base_ckpt", default=str(DEFAULT_BASE), help="the world's base model")
     parser.add_argument("--classifier", default=str(DEFAULT_CLASSIFIER), help="the world classifier")
     parser.add_argument("--outdir", default="outputs/eval-miniworld", help="output folder")
@@ -298,7 +360,11 @@ def prepare(args: argparse.Namespace) -> Evaluation:
 # ------------------------------------------------------------------ concept jobs
 @dataclass(frozen=True)
 class MethodJob:
-    """One (concept, method) cell: its folder, prompts and samples."""
+    """One (concept, method) cell: its folder, prompts and samples.
+
+    ``photos`` is the concept's folder of photos (the real photos every metric compares with);
+    the method trains on :attr:`training_photos` and samples with :attr:`reference`.
+    """
 
     concept: ConceptSpec
     method: Method
@@ -331,12 +397,25 @@ class MethodJob:
         return missing
 
     @property
+    def init_word(self) -> str:
+        return self.method.init_word or self.concept.init_word
+
+    @property
+    def training_photos(self) -> Path:
+        """The folder the method trains on: all photos, or a folder of the first ``method.photos``."""
+        if self.method.photos is None:
+            return self.photos
+        return self.photos.parent / f"photos-{self.method.photos}"
+
+    @property
     def reference(self) -> Path:
-        return self.photos / "00.png"
+        """The reference photo at sampling: the first training photo, or one drawn apart."""
+        folder = self.photos if self.method.reference == "seen" else self.photos.parent / "unseen"
+        return folder / "00.png"
 
     @property
     def reference_mask(self) -> Path:
-        return self.photos / "masks" / "00.png"
+        return self.reference.parent / "masks" / self.reference.name
 
 
 def scene_seed(seed: int, concept: str, scene: str) -> int:
@@ -345,10 +424,34 @@ def scene_seed(seed: int, concept: str, scene: str) -> int:
     return int(key.generate_state(1)[0])
 
 
+#: Seed of the photo drawn apart from the training photos (``reference: unseen``).
+UNSEEN_SEED = 1
+
+
 def ensure_photos(spec: ConceptSpec, folder: Path, count: int) -> None:
     """The concept's folder of photos and masks, made once (as ``scripts/miniworld.py make-concept``)."""
     if not (folder / "concept.yaml").is_file():
         make_concept(spec, folder, count)
+
+
+def ensure_job_photos(job: MethodJob) -> None:
+    """The photos a method needs beyond the concept's folder: a folder of its first training
+    photos (hard links), and the photo drawn apart for an unseen reference."""
+    if job.training_photos != job.photos and not (job.training_photos / "concept.yaml").is_file():
+        available = photos_of(job)
+        if job.method.photos > len(available):
+            raise UsageError(f"method {job.method.name} trains on {job.method.photos} photos; --photos is {len(available)}")
+        target = job.training_photos
+        (target / "masks").mkdir(parents=True, exist_ok=True)
+        for photo in available[: job.method.photos]:
+            for source, destination in ((photo, target / photo.name), (photo.parent / "masks" / photo.name, target / "masks" / photo.name)):
+                destination.unlink(missing_ok=True)
+                trainer.copy_into(source, destination.parent)
+        spec = OmegaConf.load(job.photos / "concept.yaml")
+        spec.photos = job.method.photos
+        OmegaConf.save(spec, target / "concept.yaml")
+    if job.method.reference == "unseen" and not (job.reference.parent / "concept.yaml").is_file():
+        make_concept(job.concept, job.reference.parent, 1, seed=UNSEEN_SEED)
 
 
 # ------------------------------------------------------------------ training
@@ -366,15 +469,21 @@ def warnings_only(names: Sequence[str]) -> Iterator[None]:
             log.setLevel(level)
 
 
+def method_steps(method: Method, evaluation: Evaluation) -> int:
+    """Training steps of a row: its own budget, or the command's ``--train_steps``."""
+    return method.steps if method.steps is not None else evaluation.settings.train_steps
+
+
 def training_argv(job: MethodJob, evaluation: Evaluation) -> list[str]:
-    configs = [str(BASE_CONFIG), str(VICO_CONFIG), *(str(ROOT / path) for path in job.method.ablations)]
+    configs = [str(BASE_CONFIG), str(VICO_CONFIG), *(str(ROOT / path) for path in job.method.configs)]
+    true_mask = ["data.params.train.params.object_masks=true"] if job.method.true_mask else []
     return [
         "--base", *configs, "-t", "--actual_resume", str(evaluation.base.resolve()),
-        "--data_root", str(job.photos), "--init_word", job.concept.init_word,
+        "--data_root", str(job.training_photos), "--init_word", job.init_word,
         "-n", f"{job.concept.name}-{job.method.name}", "--logdir", str(job.folder / "runs"),
-        "-s", str(evaluation.settings.seed), f"lightning.trainer.max_steps={evaluation.settings.train_steps}",
+        "-s", str(evaluation.settings.seed), f"lightning.trainer.max_steps={method_steps(job.method, evaluation)}",
         "lightning.callbacks.image_logger.params.batch_frequency=0", "lightning.trainer.enable_progress_bar=false",
-        "lightning.trainer.enable_model_summary=false", *evaluation.settings.overrides,
+        "lightning.trainer.enable_model_summary=false", *evaluation.settings.overrides, *job.method.overrides, *true_mask,
     ]  # fmt: skip
 
 
@@ -387,7 +496,7 @@ def unfinished_run(job: MethodJob) -> Path | None:
 def run_training(job: MethodJob, evaluation: Evaluation) -> Path:
     """Train with main.py in this process (continuing an interrupted run); the run folder."""
     previous = unfinished_run(job)
-    steps = evaluation.settings.train_steps
+    steps = method_steps(job.method, evaluation)
     if previous is not None and trainer.read_resume_checkpoint(previous / "checkpoints" / "last.ckpt") >= steps:
         return previous
     argv = ["-t", "-r", str(previous)] if previous is not None else training_argv(job, evaluation)
@@ -399,9 +508,20 @@ def run_training(job: MethodJob, evaluation: Evaluation) -> Path:
 
 def train_method(job: MethodJob, evaluation: Evaluation) -> Path:
     """Train (or finish training) ``job``'s method on the concept once; its last checkpoint."""
+    if job.method.trained_as is not None:
+        shared = METHODS[job.method.trained_as]
+        return train_method(replace(job, method=shared, folder=job.folder.parent / shared.name), evaluation)
     marker = job.folder / TRAINED_FILE
+    definition = json.loads(json.dumps(asdict(job.method)))
     if marker.is_file():
-        return job.folder / json.loads(marker.read_text(encoding="utf-8"))["checkpoint"]
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        if record.get("method", definition) != definition:
+            raise UsageError(
+                f"{job.folder}: trained as another definition of method {job.method.name} "
+                f"({record['method']}); delete that folder to train it again"
+            )
+        return job.folder / record["checkpoint"]
+    ensure_job_photos(job)
     started = time.time()
     try:
         run_folder = run_training(job, evaluation)
@@ -410,8 +530,9 @@ def train_method(job: MethodJob, evaluation: Evaluation) -> Path:
     checkpoint = run_folder / "checkpoints" / "last.ckpt"
     record = {
         "checkpoint": str(checkpoint.relative_to(job.folder)),  # relative: the output folder may move
-        "steps": evaluation.settings.train_steps,
+        "steps": method_steps(job.method, evaluation),
         "seconds": round(time.time() - started, 1),
+        "method": definition,
     }
     marker.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return checkpoint
@@ -436,7 +557,9 @@ def load_method_model(job: MethodJob, evaluation: Evaluation, checkpoint: Path |
 
 
 @torch.no_grad()
-def sample_scene(model, job: MethodJob, scene: str, reference_latents, evaluation: Evaluation) -> np.ndarray:
+def sample_scene(
+    model, job: MethodJob, scene: str, reference_latents, evaluation: Evaluation, object_masks: torch.Tensor | None = None
+) -> np.ndarray:
     """``uint8 [n, H, W, 3]`` samples of the scene's prompt, from the scene's seed."""
     settings = evaluation.settings
     generator = torch.Generator().manual_seed(scene_seed(settings.seed, job.concept.name, scene))
@@ -444,8 +567,13 @@ def sample_scene(model, job: MethodJob, scene: str, reference_latents, evaluatio
     decoded, _ = sample_prompt(
         model, DDIMSampler(model), job.prompt(scene), reference_latents,
         n_samples=job.n_samples, latent_shape=shape, steps=settings.ddim_steps, scale=settings.scale, generator=generator,
+        reference_object_masks=object_masks,
     )  # fmt: skip
     return to_uint8(decoded)
+
+
+def has_image_attention(model) -> bool:
+    return bool(getattr(model, "image_attention_parameters", list)())
 
 
 def render_scene(job: MethodJob, scene: str, seed: int) -> np.ndarray:
@@ -503,6 +631,7 @@ def generate(job: MethodJob, evaluation: Evaluation, checkpoint: Path | None, pr
     trained = job.method.kind == "trained"  # the base row samples from text alone, without a reference
     needs_attention = trained and not attention_complete(job)
     (job.folder / "samples").mkdir(parents=True, exist_ok=True)
+    ensure_job_photos(job)
     if job.method.kind == "renderer":
         for scene, indices in missing.items():
             images = render_scene(job, scene, evaluation.settings.seed)
@@ -513,15 +642,29 @@ def generate(job: MethodJob, evaluation: Evaluation, checkpoint: Path | None, pr
     if not missing and not needs_attention:
         return
     model = load_method_model(job, evaluation, checkpoint)
+    visual = trained and has_image_attention(model)
     reference = load_image(job.reference, (IMAGE_SIZE, IMAGE_SIZE))
-    reference_latents = encode_references(model, to_tensor(np.stack([reference]))) if trained else None
+    reference_latents = encode_references(model, to_tensor(np.stack([reference]))) if visual else None
+    object_masks = true_masks([job.reference_mask], model.device) if job.method.true_mask else None
+    sampling_reference = reference_latents if job.method.sample_with_reference else None
     for scene, indices in missing.items():
-        images = sample_scene(model, job, scene, reference_latents, evaluation)
+        images = sample_scene(model, job, scene, sampling_reference, evaluation, object_masks)
         for index in indices:
             save_png_atomically(images[index], job.sample_path(scene, index))
         progress.update()
     if needs_attention:
-        score_attention(job, model, reference_latents, evaluation, reference)
+        score_attention(job, model, reference_latents, evaluation, reference) if visual else write_no_attention(job)
+
+
+def true_masks(paths: Sequence[Path], device: torch.device) -> torch.Tensor:
+    """``bool [K, H, W]`` renderer masks of reference photos (white: object)."""
+    return torch.from_numpy(np.stack([load_image(path)[..., 0] > 127 for path in paths])).to(device)
+
+
+def write_no_attention(job: MethodJob) -> None:
+    """``attention.json`` of a model without image attention: nothing to score, recorded as done."""
+    content = {"timesteps": [], "iou": {scene: {} for scene in job.scenes}, "all_patches_iou": {}, "grid": {}}
+    (job.folder / ATTENTION_FILE).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
 
 
 # ------------------------------------------------------------------ scores
@@ -613,9 +756,8 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list
 def chance_levels(rows: Sequence[Mapping[str, Any]]) -> dict[int, float]:
     """Per layer, the mask IoU of a mask of every patch, averaged over the concepts scored."""
     seen: dict[str, dict[int, float]] = {}
-    for row in rows:
-        if "mask_iou_all_patches" in row:
-            seen[row["concept"]] = row["mask_iou_all_patches"]
+    for row in rows:  # rows of one concept with image attention at other layers add theirs
+        seen.setdefault(row["concept"], {}).update(row.get("mask_iou_all_patches", {}))
     return mean_dicts(list(seen.values()))
 
 
@@ -644,7 +786,7 @@ def table_markdown(rows: Sequence[Mapping[str, Any]], means: Sequence[Mapping[st
     layer_means = [m for m in means if "mask_iou_layers" in m]
     if layer_means:
         layers = sorted({layer for m in layer_means for layer in m["mask_iou_layers"]})
-        grid = next(row["grid"] for row in rows if "grid" in row)
+        grid = {layer: size for row in rows for layer, size in row.get("grid", {}).items()}
         lines += [
             "",
             "## Mask IoU per patched layer (mean over concepts, scenes and timesteps)",
@@ -717,7 +859,7 @@ def evaluate_concept(spec: ConceptSpec, evaluation: Evaluation, classifier: Worl
     for job in jobs:
         checkpoint = None
         if job.method.kind == "trained":
-            logger.info("%s: training %s (%d steps)", spec.name, job.method.name, evaluation.settings.train_steps)
+            logger.info("%s: training %s (%d steps)", spec.name, job.method.name, method_steps(job.method, evaluation))
             checkpoint = train_method(job, evaluation)
         with tqdm(total=len(job.missing()), desc=f"{spec.name}/{job.method.name}", unit="prompt", leave=False) as bar:
             generate(job, evaluation, checkpoint, bar)
@@ -750,7 +892,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         run(evaluation, classifier)
-    except (TrainingError, CheckpointError) as err:
+    except (TrainingError, CheckpointError, UsageError) as err:
         print("error: " + " ".join(str(err).split()), file=sys.stderr)
         return 2
     except trainer.Interrupted as err:
