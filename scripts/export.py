@@ -12,13 +12,19 @@ adapter export, a file of the authors' pair). ``--formats`` picks among ``author
 default: the first three. ``N`` is ``--step``, else the checkpoint's ``global_step``, else the
 step in an authors' file name. No Stable Diffusion weights are needed. The written files are
 listed on stdout; predictable mistakes print one ``error:`` line and exit with status 2.
+
+An export never writes over a file it reads: exporting one of the authors' pair as the pair
+writes into ``exported/`` beside it, and an ``--outdir`` where it would is refused.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +37,10 @@ from ldm.models.loading import read_vico_weights, resolve_config  # noqa: E402
 from ldm.util import CheckpointError, read_checkpoint  # noqa: E402
 from sample import OneLineErrorParser, UsageError  # noqa: E402
 
-_AUTHORS_STEP = re.compile(r"^(?:cross_attention|embeddings_gs)-(\d+)\.pt$")
+_AUTHORS_NAME = re.compile(r"^(cross_attention|embeddings_gs)-(\d+)\.pt$")
+_AUTHORS_SIBLING = {"cross_attention": "embeddings_gs", "embeddings_gs": "cross_attention"}
+#: Where the exports go, beside the checkpoint, when its own folder would have them replace it.
+DEFAULT_SUBFOLDER = "exported"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--formats", nargs="+", choices=EXPORT_FORMATS, default=list(DEFAULT_FORMATS), help="what to write"
     )
-    parser.add_argument("--outdir", default=None, help="default: the checkpoint's folder")
+    parser.add_argument(
+        "--outdir", default=None,
+        help=f"default: the checkpoint's folder, or {DEFAULT_SUBFOLDER}/ in it where the exports would replace the checkpoint",
+    )  # fmt: skip
     parser.add_argument("--config", default=None, help="a config overriding the one stored with the weights")
     return parser
 
@@ -65,9 +77,9 @@ def checkpoint_step(checkpoint: Path, step: int | None) -> int:
     the step in an authors' file name."""
     if step is not None:
         return step
-    authors = _AUTHORS_STEP.match(checkpoint.name)
+    authors = _AUTHORS_NAME.match(checkpoint.name)
     if authors:
-        return int(authors.group(1))
+        return int(authors.group(2))
     if checkpoint.suffix == ".ckpt":
         global_step = read_checkpoint(checkpoint).get("global_step")
         if isinstance(global_step, int):
@@ -75,14 +87,50 @@ def checkpoint_step(checkpoint: Path, step: int | None) -> int:
     raise UsageError(f"{checkpoint}: the training step is not recorded in it; pass --step")
 
 
+def input_files(checkpoint: Path, config: str | None) -> set[Path]:
+    """The files an export reads: the checkpoint, the other file of an authors' pair, the config."""
+    inputs = {checkpoint}
+    authors = _AUTHORS_NAME.match(checkpoint.name)
+    if authors:
+        inputs.add(checkpoint.with_name(f"{_AUTHORS_SIBLING[authors.group(1)]}-{authors.group(2)}.pt"))
+    if config is not None:
+        inputs.add(Path(config))
+    return {path.resolve() for path in inputs}
+
+
 def export(args: argparse.Namespace) -> list[Path]:
+    """Write the exports without ever replacing a file they were made from.
+
+    They are written into a hidden folder inside the output folder first, so their names are
+    known before anything is replaced. Exporting an authors' file as the authors' pair into its
+    own folder would write over it: by default the files then go to ``exported/`` beside it;
+    with ``--outdir`` that is an error, and nothing is written.
+    """
     checkpoint = find_checkpoint(Path(args.run), args.step)
     weights = read_vico_weights(checkpoint)
     config = resolve_config(weights, args.config)
     step = checkpoint_step(checkpoint, args.step)
     model = build_trained_only(weights, config)
+    inputs = input_files(checkpoint, args.config)
     outdir = Path(args.outdir) if args.outdir else checkpoint.parent
-    return export_trained(model, config, outdir, step, args.formats)
+    outdir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=outdir))
+    try:
+        names = [path.relative_to(staging) for path in export_trained(model, config, staging, step, args.formats)]
+        replaced = [name for name in names if (outdir.resolve() / name) in inputs]
+        if replaced and args.outdir:
+            raise UsageError(
+                f"--outdir {args.outdir}: the export would write over its input {outdir / replaced[0]}; "
+                f"choose another --outdir"
+            )
+        if replaced:
+            outdir = outdir / DEFAULT_SUBFOLDER
+        for name in names:
+            (outdir / name).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / name, outdir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [outdir / name for name in names]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

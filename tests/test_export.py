@@ -216,3 +216,38 @@ def test_cli_mistakes_are_one_line(run, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and fragment in err, (argv, err)
     assert not list((run / "checkpoints").glob("*-9.*"))
+
+
+def test_cli_never_writes_over_its_input(tiny, run, tmp_path, capsys):
+    """The authors' release is fp16: exporting it as the pair into its own folder used to replace it with fp32."""
+    folder = tmp_path / "release"
+    assert export_cli.main(["--run", str(run / "checkpoints" / "last.ckpt"), "--formats", "authors", "--outdir", str(folder)]) == 0
+    cross_attention = folder / "cross_attention-4.pt"
+    torch.save({k: v.half() for k, v in torch.load(cross_attention, weights_only=True).items()}, cross_attention)
+    release = {path.name: path.read_bytes() for path in folder.iterdir()}
+    capsys.readouterr()
+
+    argv = ["--run", str(cross_attention), "--config", str(TINY_CONFIG)]
+    assert export_cli.main([*argv, "--outdir", str(folder)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --outdir {folder}: the export would write over its input {cross_attention}; choose another --outdir\n"
+    )
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == release  # nothing written, no staging left
+
+    assert export_cli.main(argv) == 0  # by default, beside it in exported/
+    exported = folder / "exported"
+    names = ["cross_attention-4.pt", "embeddings_gs-4.pt", "textual_inversion-4.pt", "learned_embeds-steps-4.safetensors"]
+    assert capsys.readouterr().out.split() == [str(exported / name) for name in names]
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == release
+    assert sorted(path.name for path in folder.iterdir()) == [*sorted(release), "exported"]
+    assert {v.dtype for v in torch.load(exported / "cross_attention-4.pt", weights_only=True).values()} == {torch.float32}
+
+
+def test_cli_exports_into_the_checkpoints_folder_when_nothing_read_is_replaced(run, capsys):
+    adapter_argv = ["--run", str(run), "--formats", "adapter"]
+    assert export_cli.main(adapter_argv) == 0
+    adapter = run / "checkpoints" / "adapter-4.safetensors"
+    assert capsys.readouterr().out.split() == [str(adapter)]
+    assert export_cli.main(["--run", str(adapter), "--step", "4", "--formats", "adapter"]) == 0  # its own name: beside it
+    assert capsys.readouterr().out.split() == [str(run / "checkpoints" / "exported" / "adapter-4.safetensors")]
+
