@@ -831,6 +831,15 @@ def configure_logging() -> None:
     logging.captureWarnings(True)
 
 
+def exception_context(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the exceptions it was raised while handling. Lightning's failure handling
+    writes the loggers' last lines; on a full disk that write fails too and hides the error
+    that stopped the run (a checkpoint that could not be written), which is then reported."""
+    while err is not None:
+        yield err
+        err = err.__context__
+
+
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
@@ -845,8 +854,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}; the run stopped", file=sys.stderr)
         return 1
     except OSError as err:  # a full disk or a lost mount under a logger or a preview
+        stopped_by = next((e for e in exception_context(err) if isinstance(e, CheckpointWriteError)), None)
         where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}; the run stopped", file=sys.stderr)
+        print(f"error: {stopped_by or where + (err.strerror or str(err))}; the run stopped", file=sys.stderr)
         return 1
     except NonFiniteTraining as err:
         print(f"error: {err}; the run stopped, and its last checkpoint is the last finite state "

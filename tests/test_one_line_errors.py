@@ -87,3 +87,21 @@ def test_save_state_dict_leaves_no_partial_file(tmp_path, full_disk, monkeypatch
     with pytest.raises(OSError, match="No space left on device"):
         save_state_dict({"w": torch.zeros(2)}, tmp_path / "base.safetensors")
     assert os.listdir(tmp_path) == []
+
+
+def test_the_write_that_stopped_the_run_is_reported_not_the_loggers_last_one(monkeypatch, capsys):
+    """Lightning writes the loggers' last lines while handling the failure; on a full disk that
+    write fails too (an OSError without a file name) and would hide the checkpoint that could not be written."""
+
+    def train(run):
+        try:
+            raise CheckpointWriteError("cannot write logs/run/checkpoints/last.ckpt: No space left on device")
+        except CheckpointWriteError:
+            raise OSError(errno.ENOSPC, "No space left on device") from None
+
+    monkeypatch.setattr(main, "setup_run", lambda opt, overrides: None)
+    monkeypatch.setattr(main, "train", train)
+    assert main.main(["--base", TINY, "-t"]) == 1
+    assert capsys.readouterr().err == (
+        "error: cannot write logs/run/checkpoints/last.ckpt: No space left on device; the run stopped\n"
+    )
