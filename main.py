@@ -57,10 +57,10 @@ from ldm.modules.diffusionmodules.openaimodel import (
 from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
 from ldm.trust import check_merged_targets, check_run_folder_layout, resume_values
+from ldm.models.base_checkpoint import find_base_checkpoint
 from ldm.util import (
     CheckpointError,
     check_stored_config,
-    find_base_checkpoint,
     get_obj_from_str,
     instantiate_from_config,
     read_checkpoint,

@@ -1,4 +1,6 @@
-"""Config instantiation and the one place that reads and writes checkpoints."""
+"""Config instantiation and the one place that reads and writes checkpoint files (formats, sizes
+before values, allow-listed unpickling, atomic writes); what a Stable Diffusion base holds is
+:mod:`ldm.models.base_checkpoint`."""
 from __future__ import annotations
 
 import errno
@@ -21,20 +23,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ldm.config_bounds import BoundsError, check_bounds
-from ldm.models import diffusers_layout
 
 logger = logging.getLogger(__name__)
-
-#: Prefixes every Stable Diffusion v1 checkpoint must provide in full.
-BASE_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")
-#: Model keys that are ViCo's own (trained here), never expected in a base checkpoint.
-VICO_KEY_MARKERS = (".image_cross_attention.", "embedding_manager.")
-#: Keys real checkpoints carry that this code neither needs nor complains about.
-TOLERATED_EXTRA_PREFIXES = ("model_ema.", "logvar", "lvlb_weights")
-TOLERATED_EXTRA_SUFFIXES = ("embeddings.position_ids",)
 
 
 class CheckpointError(RuntimeError):
@@ -471,19 +463,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return content
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint (the ``state_dict`` entry of Lightning files), or of a
-    diffusers folder (``unet/``, ``vae/``, ``text_encoder/``) renamed to CompVis keys."""
-    path = Path(path)
-    if path.is_dir():
-        return read_diffusers_folder(path)
-    content = read_checkpoint(path)
-    state_dict = content.get("state_dict", content)
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"{path}: no state_dict of tensors found")
-    return state_dict
-
-
 # ------------------------------------------------------------- TorchScript
 #: Storage classes a TorchScript archive may name, and their element types.
 _SCRIPT_STORAGES = {
@@ -592,74 +571,6 @@ def read_torchscript_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(_script_tensors(root, "", path))
 
 
-# ------------------------------------------------------------ diffusers layout
-#: Weight files of each part of a diffusers folder, in order of preference.
-DIFFUSERS_PARTS = {
-    "unet": ("diffusion_pytorch_model",),
-    "vae": ("diffusion_pytorch_model",),
-    "text_encoder": ("model", "pytorch_model"),
-}
-_DIFFUSERS_SUFFIXES = (".safetensors", ".bin", ".fp16.safetensors", ".fp16.bin")
-
-
-def is_diffusers_folder(path: str | Path) -> bool:
-    """Whether ``path`` is a folder with at least one part of the diffusers layout."""
-    path = Path(path)
-    return path.is_dir() and any((path / part).is_dir() for part in DIFFUSERS_PARTS)
-
-
-def _diffusers_part_file(folder: Path, part: str) -> Path:
-    directory = folder / part
-    for stem in DIFFUSERS_PARTS[part]:
-        for suffix in _DIFFUSERS_SUFFIXES:
-            if (directory / f"{stem}{suffix}").is_file():
-                return directory / f"{stem}{suffix}"
-    if any(directory.glob("*.index.json")):
-        raise CheckpointError(f"{directory}: sharded weights are not supported; merge them into one file")
-    expected = " or ".join(f"{stem}.safetensors/.bin" for stem in DIFFUSERS_PARTS[part])
-    raise CheckpointError(f"{directory}: no weights file ({expected})")
-
-
-def find_base_checkpoint(path: str | Path) -> Path:
-    """Check that ``path`` is a base checkpoint file or a complete diffusers folder; return it.
-
-    Only names are checked (nothing is read), so this is the quick start-up check.
-    """
-    path = Path(path)
-    if path.is_dir():
-        if not is_diffusers_folder(path):
-            raise CheckpointError(
-                f"{path}: is a directory, neither a checkpoint file nor a diffusers folder (unet/, vae/, text_encoder/)"
-            )
-        missing = [part for part in DIFFUSERS_PARTS if not (path / part).is_dir()]
-        if missing:
-            raise CheckpointError(
-                f"{path}: a diffusers folder needs unet/, vae/ and text_encoder/; {missing[0]}/ is missing"
-            )
-        for part in DIFFUSERS_PARTS:
-            _diffusers_part_file(path, part)
-    elif not path.is_file():
-        raise CheckpointError(f"base checkpoint not found: {path}")
-    return path
-
-
-def read_diffusers_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """SD v1 weights of a diffusers folder under CompVis keys (:mod:`ldm.models.diffusers_layout`)."""
-    folder = find_base_checkpoint(folder)
-    converters = {
-        "unet": diffusers_layout.unet_to_compvis,
-        "vae": diffusers_layout.vae_to_compvis,
-        "text_encoder": diffusers_layout.text_encoder_to_compvis,
-    }
-    state_dict: dict[str, torch.Tensor] = {}
-    for part, convert in converters.items():
-        file = _diffusers_part_file(folder, part)
-        tensors = read_state_dict(file)
-        state_dict.update(convert(tensors))
-        logger.debug("%s: %d tensors from %s", folder, len(tensors), file)
-    return state_dict
-
-
 def shared_file_mode() -> int:
     """The permissions of a new file that others may read, as the umask allows (``0o644`` for
     the usual ``022``); temporary files are created ``0o600``, which must not survive a rename."""
@@ -733,19 +644,6 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | Path) ->
         write_atomically(path, lambda temporary: torch.save({"state_dict": tensors}, temporary))
 
 
-def _is_tolerated_extra(key: str) -> bool:
-    return key.startswith(TOLERATED_EXTRA_PREFIXES) or key.endswith(TOLERATED_EXTRA_SUFFIXES)
-
-
-def _is_vico_key(key: str) -> bool:
-    return any(marker in key for marker in VICO_KEY_MARKERS)
-
-
-def is_base_key(key: str) -> bool:
-    """Whether a model key belongs to the frozen Stable Diffusion weights of a base checkpoint."""
-    return key.startswith(BASE_PREFIXES) and not _is_vico_key(key) and not _is_tolerated_extra(key)
-
-
 def check_state_dict(
     expected: Mapping[str, torch.Tensor],
     found: Mapping[str, torch.Tensor],
@@ -785,23 +683,3 @@ def check_tensor_values(key: str, value: torch.Tensor, floating: bool, path: str
         raise CheckpointError(f"{path}: key '{key}' holds NaN or infinite values (a damaged or diverged file?)")
 
 
-def load_base_checkpoint(model: nn.Module, path: str | Path, assign: bool = False) -> None:
-    """Fill the frozen Stable Diffusion parts of ``model`` from a CompVis-layout checkpoint.
-
-    Every UNet, autoencoder and text-encoder key must be present with the right shape;
-    ViCo's own weights (image attention, placeholder) are not expected; EMA copies, the
-    legacy ``position_ids`` buffer and ``logvar`` are ignored; anything else unexpected is
-    reported in the log. ``assign=True`` puts the checkpoint's tensors (cast to the model's
-    dtypes) in place of the model's, which may then be on the ``meta`` device.
-    """
-    found = read_state_dict(path)
-    expected = model.state_dict()
-    check_state_dict(expected, found, path, [k for k in expected if is_base_key(k)])
-    unexpected = [k for k in found if k not in expected and not _is_tolerated_extra(k)]
-    if unexpected:
-        logger.warning("%s: ignoring %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3])
-    model.load_state_dict(
-        {k: v.to(expected[k].dtype) if assign else v for k, v in found.items() if k in expected},
-        strict=False,
-        assign=assign,
-    )

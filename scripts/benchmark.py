@@ -338,7 +338,8 @@ import json, sys, time
 sys.path.insert(0, {root!r})
 import torch
 from ldm.models.loading import build_vico_model, read_vico_weights, resolve_config, base_checkpoint_path
-from ldm.util import instantiate_from_config, read_state_dict
+from ldm.models.base_checkpoint import read_state_dict
+from ldm.util import instantiate_from_config
 from omegaconf import OmegaConf
 device = {device!r}
 weights = read_vico_weights({adapter!r})

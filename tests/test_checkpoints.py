@@ -13,15 +13,8 @@ from safetensors.torch import save_file
 
 from ldm.models import diffusers_layout
 from ldm.models.loading import base_checkpoint_path, load_vico_model, read_vico_weights, save_adapter
-from ldm.util import (
-    CheckpointError,
-    find_base_checkpoint,
-    instantiate_from_config,
-    load_base_checkpoint,
-    read_checkpoint,
-    read_state_dict,
-    save_state_dict,
-)
+from ldm.models.base_checkpoint import find_base_checkpoint, load_base_checkpoint, read_state_dict
+from ldm.util import CheckpointError, instantiate_from_config, read_checkpoint, save_state_dict
 from tests.manifest import read_manifest
 from tests.test_sampling import build_tiny, tiny_config
 

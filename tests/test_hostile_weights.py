@@ -34,7 +34,8 @@ IMAGE_ATTENTION_KEY = "diffusion_model.output_blocks.4.1.image_cross_attention.t
 RUNNER = """
 import json, resource, sys
 from ldm.models.loading import load_vico_model, read_vico_weights
-from ldm.util import CheckpointError, read_checkpoint, read_state_dict, read_torchscript_tensors
+from ldm.models.base_checkpoint import read_state_dict
+from ldm.util import CheckpointError, read_checkpoint, read_torchscript_tensors
 
 def mapped_bytes():
     with open("/proc/self/status") as status:

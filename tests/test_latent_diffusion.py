@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from ldm.util import CheckpointError, instantiate_from_config, load_base_checkpoint, read_state_dict, save_state_dict
+from ldm.models.base_checkpoint import load_base_checkpoint, read_state_dict
+from ldm.util import CheckpointError, instantiate_from_config, save_state_dict
 from tests.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from ldm.models.pretraining import (
     to_signed,
     warmup_cosine,
 )
-from ldm.util import instantiate_from_config, read_state_dict
+from ldm.models.base_checkpoint import read_state_dict
+from ldm.util import instantiate_from_config
 from scripts import miniworld
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,8 @@ from ldm.models.diffusion.parameterization import eps_from_v, to_eps, v_target, 
 from ldm.models.diffusion.sampling import DDIMSchedule, alpha_at
 from ldm.modules.diffusionmodules.util import GroupNorm32
 from ldm.modules.vico import ReferenceCondition
-from ldm.util import instantiate_from_config, is_base_key, read_diffusers_folder
+from ldm.models.base_checkpoint import is_base_key, read_diffusers_folder
+from ldm.util import instantiate_from_config
 from tests.manifest import read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]

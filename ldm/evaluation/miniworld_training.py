@@ -51,7 +51,8 @@ from ldm.evaluation.miniworld import (
     scene_labels,
     stack_labels,
 )
-from ldm.util import CheckpointError, instantiate_from_config, read_state_dict
+from ldm.models.base_checkpoint import read_state_dict
+from ldm.util import CheckpointError, instantiate_from_config
 
 logger = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ and its inverse), written from their mapping tables:
   (``cond_stage_model.model.``) are the inverse of diffusers' ``convert_open_clip_checkpoint``:
   ``layer_norm1/2`` are ``ln_1/2``, ``mlp.fc1/fc2`` are ``mlp.c_fc/c_proj``,
   ``self_attn.{q,k,v}_proj`` are stacked (q, k, v) into ``attn.in_proj_*``.
-  :func:`ldm.util.read_diffusers_folder` does not call it yet: it reads an SD 2.x folder's text
+  :func:`ldm.models.base_checkpoint.read_diffusers_folder` does not call it yet: it reads an SD 2.x folder's text
   encoder with the SD v1 rules (a "missing key" error), and the folder lacks the last layer and
   the projection that our ``FrozenOpenCLIPEmbedder`` holds (unused at ``layer: penultimate``).
 

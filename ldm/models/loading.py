@@ -39,6 +39,7 @@ from ldm import CONFIG_DIR
 from ldm.models.diffusion.latent import SAMPLING_CLASSES, LatentDiffusionModel
 from ldm.modules.diffusionmodules.openaimodel import DEFAULT_CHANNEL_MULT
 from ldm.modules.embedding_manager import load_authors_embeddings
+from ldm.models.base_checkpoint import find_base_checkpoint
 from ldm.util import (
     CheckpointError,
     OversizedTensorError,
@@ -46,7 +47,6 @@ from ldm.util import (
     check_stored_config,
     check_tensor_storage,
     check_tensor_values,
-    find_base_checkpoint,
     instantiate_from_config,
     read_checkpoint,
     write_atomically,

@@ -27,7 +27,8 @@ from torch import nn
 from ldm.models.diffusion.parameterization import PARAMETERIZATIONS, v_target
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.vico import ReferenceCondition
-from ldm.util import CheckpointError, check_state_dict, instantiate_from_config, is_base_key, load_base_checkpoint
+from ldm.models.base_checkpoint import is_base_key, load_base_checkpoint
+from ldm.util import CheckpointError, check_state_dict, instantiate_from_config
 
 
 #: The class that samples for the class a config names for training: same constructor, same
@@ -214,7 +215,7 @@ class LatentDiffusionModel(nn.Module):
             self.register_buffer(name, to_torch(value))
 
     def load_base_checkpoint(self, path: str, assign: bool = False) -> None:
-        """Load the frozen SD v1 weights (see :func:`ldm.util.load_base_checkpoint`)."""
+        """Load the frozen SD v1 weights (see :func:`ldm.models.base_checkpoint.load_base_checkpoint`)."""
         load_base_checkpoint(self, path, assign=assign)
 
     def freeze_base_model(self) -> None:
