@@ -4,7 +4,8 @@ The invariance tests elsewhere (branch off == plain SD, shared reference stream 
 stream) hold for many wrong implementations too. These pin the definitions themselves: the
 normalisation epsilons of the pretrained networks, Otsu's threshold, the logits mask, the
 regulariser, the reference stream's inputs, classifier-free guidance with the reference in both
-branches, the DDIM update, q_sample and the latent scale factor.
+branches, the DDIM update and the latent scale factor (q_sample and the loss of Eq. 7:
+tests/test_latent_diffusion.py).
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from ldm.models.diffusion.sampling import DDIMSchedule, GuidedDenoiser, SamplingReference, encode_references
+from ldm.models.diffusion.sampling import DDIMSchedule, GuidedDenoiser, SamplingReference
 from ldm.modules.attention import SpatialTransformer
-from ldm.modules.vico import ReferenceCondition, attention_regularizer, otsu_mask
+from ldm.modules.vico import attention_regularizer, otsu_mask
 from ldm.util import instantiate_from_config
 from tests.test_vico_unet import TINY_LAYERS, inputs, make_reference, tiny_unet
 
@@ -68,13 +69,6 @@ def test_otsu_keeps_patches_exactly_at_the_chosen_threshold():
     is an object patch, as ``mask[mask > t] = 1`` leaves it at 0.5, which is true."""
     scores = torch.tensor([[2.0, 2.6, 3.2, 3.5, 3.8, 5.0]])
     assert otsu_mask(scores).tolist() == [[False, False, False, True, True, True]]
-
-
-def test_otsu_first_of_equal_thresholds_wins_and_zero_is_background():
-    # Threshold 0.1 .. 0.9 all split {0, 0} | {1, 1}; the first wins, and 0 is never an object patch.
-    assert otsu_mask(torch.tensor([[0.0, 1.0, 0.0, 1.0]])).tolist() == [[False, True, False, True]]
-    # With a single candidate (threshold 0) the authors' ``mask[mask > 0] = 1`` leaves 0 at 0.
-    assert otsu_mask(torch.tensor([[0.0, 0.5, 1.0]]), num_thresholds=1).tolist() == [[False, True, True]]
 
 
 # ------------------------------------------------------- reference stream (Eq. 2)
@@ -237,25 +231,14 @@ def test_ddim_update_on_hand_made_numbers():
 
 
 # ----------------------------------------------------------------- process, latents
-def test_q_sample_on_hand_made_numbers(tiny_model):
-    x0, noise = torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), -1.0)
-    t = torch.tensor([0, 999])
-    a = tiny_model.alphas_cumprod[t]
-    expected = (a.sqrt() * 2.0 - (1 - a).sqrt()).view(2, 1, 1, 1)
-    torch.testing.assert_close(tiny_model.q_sample(x0, t, noise), expected)
-    # alphas_cumprod from the linear-in-sqrt schedule of SD v1 (0.00085 .. 0.012, 1000 steps)
-    assert tiny_model.alphas_cumprod[0].item() == pytest.approx(1 - 0.00085)
-    assert tiny_model.alphas_cumprod[999].item() == pytest.approx(0.0046600, rel=1e-3)
-
-
 def test_latents_are_scaled_by_the_scale_factor(tiny_model):
-    """z = 0.18215 * E(x) for training photos and references; D(z / 0.18215) to decode."""
+    """z = 0.18215 * E(x) for training photos (references: test_sampling.py::test_reference_latents_sample_or_mode,
+    with the same scale factor); D(z / 0.18215) to decode."""
     assert tiny_model.scale_factor == 0.18215
     images = torch.rand(2, 3, 64, 64) * 2 - 1
     posterior = tiny_model.encode_first_stage(images)
     sample = tiny_model.get_first_stage_encoding(images, torch.Generator().manual_seed(1))
     torch.testing.assert_close(sample, 0.18215 * posterior.sample(torch.Generator().manual_seed(1)))
-    torch.testing.assert_close(encode_references(tiny_model, images), 0.18215 * posterior.mode())
     z = torch.randn(1, 4, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(tiny_model.decode_first_stage(z), tiny_model.first_stage_model.decode(z / 0.18215))
@@ -302,26 +285,3 @@ def test_training_reference_stream_gets_the_caption_and_the_step_timestep(tiny_m
     assert reference.placeholder_index.tolist() == [5, 6] and reference.eot_index.tolist() == [6, 7]
 
 
-def test_loss_is_eq7_on_hand_made_numbers(tiny_model, monkeypatch):
-    """L = ||eps - eps_theta||^2 (mean) + 5e-4 * sum over patched layers of L_reg (the authors'
-    ``loss_reg_all += loss_reg`` then ``loss_reg * 5e-4``), the noise being the target."""
-    seen = {}
-
-    def apply_model(x_noisy, t, context, reference=None):
-        seen["compute_regularizer"] = reference.compute_regularizer
-        reference.regularizer_terms += [torch.tensor(0.5), torch.tensor(1.5)]  # two patched layers
-        return torch.full_like(x_noisy, 0.25)
-
-    monkeypatch.setattr(tiny_model, "apply_model", apply_model)
-    x0, noise = torch.zeros(2, 4, 16, 16), torch.ones(2, 4, 16, 16)
-    reference = ReferenceCondition(
-        latent=torch.zeros(2, 4, 16, 16),
-        context=torch.zeros(2, 77, 32),
-        placeholder_index=torch.tensor([4, 4]),
-        eot_index=torch.tensor([5, 5]),
-    )
-    loss, logs = tiny_model.p_losses(x0, torch.tensor([3, 700]), torch.zeros(2, 77, 32), reference, noise=noise)
-    assert seen["compute_regularizer"]
-    assert logs["loss_simple"].item() == pytest.approx(0.75**2)
-    assert logs["loss_reg"].item() == pytest.approx(2.0)
-    assert loss.item() == pytest.approx(0.75**2 + 5e-4 * 2.0)

@@ -50,7 +50,7 @@ def test_full_model_layout_equals_sd_v1_plus_vico_manifests(full_model):
     initial = "embedding_manager.initial_embeddings.*"
     assert found.pop(initial) == (1, 768)
     expected.pop(position_ids)
-    found.pop(position_ids, None)
+    assert position_ids not in found  # a buffer of transformers' CLIP, not saved (SD files may hold it)
     assert sorted(set(expected) - set(found)) == []
     assert sorted(set(found) - set(expected)) == []
     assert {k for k in found if k in SCHEDULE_KEYS} == SCHEDULE_KEYS
@@ -193,15 +193,3 @@ def test_lightning_era_ckpt_loads_with_weights_only(tmp_path):
     assert torch.equal(read_state_dict(path)["w"], torch.ones(2))
 
 
-def test_arbitrary_pickles_are_refused(tmp_path):
-    path = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {"w": torch.ones(1)}, "payload": Path("x")}, path)
-    with pytest.raises(CheckpointError, match="refused to unpickle"):
-        read_state_dict(path)
-
-
-def test_pre_zipfile_ckpt_loads(tmp_path):
-    """Files in torch's legacy (pre-1.6) format cannot be memory-mapped; they still load."""
-    path = tmp_path / "legacy.ckpt"
-    torch.save({"state_dict": {"w": torch.arange(3.0)}}, path, _use_new_zipfile_serialization=False)
-    assert torch.equal(read_state_dict(path)["w"], torch.arange(3.0))

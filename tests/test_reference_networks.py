@@ -33,7 +33,6 @@ from ldm.models import diffusers_layout
 from ldm.models.diffusion.parameterization import eps_from_v, to_eps, v_target, x0_from_v
 from ldm.models.diffusion.sampling import DDIMSchedule, alpha_at
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.modules.vico import ReferenceCondition
 from ldm.models.base_checkpoint import is_base_key, read_diffusers_folder
 from ldm.util import instantiate_from_config
 from tests.manifest import read_manifest
@@ -91,9 +90,6 @@ DIFFUSERS_UNET_V2 = {
     "attention_head_dim": (4, 8, 8),  # SD 2.x lists heads per level: [5, 10, 20, 20]
     "use_linear_projection": True,
 }
-#: The SD UNet's attention layers here, in execution order: encoder 0-3, middle 4, decoder 5-10.
-IMAGE_ATTENTION_LAYERS = [6, 8, 10]
-
 VAE = {
     "target": "ldm.models.autoencoder.AutoencoderKL",
     "params": {
@@ -299,33 +295,6 @@ def test_sd1_unet_equals_diffusers_in_float64(sd1, groupnorm_keeps_float64):
 
 def test_sd1_unet_equals_diffusers_in_float32(sd1):
     compare_unets(sd1.our_unet, sd1.unet, torch.float32, FLOAT32_RTOL, "SD v1 UNet, float32")
-
-
-def test_unet_with_image_attention_and_no_reference_is_plain_sd(sd1, groupnorm_keeps_float64):
-    """ViCo's image-attention blocks (randomised, so not the identity) change nothing when the call
-    has no reference: the UNet is then SD's. With a reference the same UNet gives other outputs."""
-    config = copy.deepcopy(UNET_V1)
-    config["params"]["image_attention_layers"] = IMAGE_ATTENTION_LAYERS
-    ours = instantiate_from_config(config)
-    missing, unexpected = ours.load_state_dict(sd1.our_unet.state_dict(), strict=False)
-    assert unexpected == [] and missing and all(".image_cross_attention." in k for k in missing)
-    blocks = [m for name, m in ours.named_modules() if name.endswith(".image_cross_attention")]
-    assert len(blocks) == len(IMAGE_ATTENTION_LAYERS)
-    for seed, block in enumerate(blocks):
-        randomise_(block, seed=100 + seed)
-    without = compare_unets(ours, sd1.unet, torch.float64, FLOAT64_RTOL, "UNet with image attention, no reference")
-
-    x, timesteps, context = unet_inputs(torch.float64)
-    generator = torch.Generator().manual_seed(6)
-    reference = ReferenceCondition(
-        latent=torch.randn(3, 4, 8, 8, generator=generator, dtype=torch.float64),
-        context=context,
-        placeholder_index=torch.tensor([2, 3, 4]),
-        eot_index=torch.tensor([5, 6, 7]),
-    )
-    with torch.no_grad():
-        with_reference = ours.double()(x, timesteps, context, reference)
-    assert relative_error(with_reference, without) > 1e-3
 
 
 def test_attention_with_explicit_probabilities_equals_diffusers(sd1):

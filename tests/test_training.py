@@ -218,16 +218,6 @@ def test_bad_inputs_exit_with_one_line(tmp_path, capsys):
     assert not list((tmp_path / "logs").glob("*/checkpoints/*.ckpt"))
 
 
-def test_cli_error_is_one_line_without_traceback_in_a_real_process(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "main.py", "--base", TINY, "-t", "--data_root", str(tmp_path / "nope"), "--logdir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: image folder not found")
-    assert "Traceback" not in result.stderr
-
-
 # ------------------------------------------------------------------------- DDP
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_keeps_ranks_identical(tmp_path):
