@@ -31,6 +31,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from lightning_fabric.plugins import CheckpointIO
+from pytorch_lightning.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -45,6 +46,7 @@ from ldm.callbacks import (
     ViCoCheckpoint,
 )
 from ldm.config_bounds import BoundsError, check_bounds
+from ldm.cli import HelpFormatter
 from ldm.config_schema import ConfigError, accepted_parameters, check_instantiable, check_keys, check_parameters
 from ldm.data.images import ImageError
 from ldm.modules.diffusionmodules.openaimodel import (
@@ -57,7 +59,7 @@ from ldm.modules.diffusionmodules.openaimodel import (
 from ldm.modules.embedding_manager import single_token_id
 from ldm.modules.encoders.modules import CLIPTokenizer
 from ldm.trust import check_merged_targets, check_run_folder_layout, resume_values
-from ldm.models.base_checkpoint import find_base_checkpoint
+from ldm.models.base_checkpoint import find_base_checkpoint, is_base_key
 from ldm.util import (
     CheckpointError,
     check_stored_config,
@@ -104,15 +106,6 @@ class Interrupted(Exception):
 
 
 # ------------------------------------------------------------------ command line
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except where there is none to show."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is argparse.SUPPRESS or "(default:" in (action.help or ""):
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose mistakes are one-line :class:`UsageError`s."""
 
@@ -135,7 +128,7 @@ def get_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description=__doc__.split("\n\n")[0],
         epilog="Dotted overrides such as lightning.trainer.max_steps=300 may stand anywhere among the flags.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("-b", "--base", nargs="*", metavar="config.yaml", default=[],
                         help="configs merged left to right; dotted overrides win over them")
@@ -160,6 +153,14 @@ def get_parser() -> argparse.ArgumentParser:
                              f"(default: {DEFAULT_SEED}, or the resumed run's)")
     parser.add_argument("--scale_lr", type=str2bool, nargs="?", const=True, default=True,
                         help="S* learning rate x accumulate x devices x nodes x batch size (as the original)")
+    original = parser.add_argument_group("the original's other flags")
+    original.add_argument("-f", "--postfix", type=str, default="", help="appended to the run name, as the original")
+    original.add_argument("--datadir_in_name", type=str2bool, nargs="?", const=True, default=False,
+                          help="put the --data_root folder's name before the run name (the original's default is on)")
+    original.add_argument("--no-test", type=str2bool, nargs="?", const=True, default=False,
+                          help="accepted and ignored: there is no test stage")
+    original.add_argument("-p", "--project", help=argparse.SUPPRESS)
+    original.add_argument("-d", "--debug", type=str2bool, nargs="?", const=True, default=False, help=argparse.SUPPRESS)
     return parser
 
 
@@ -176,13 +177,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 
 def check_options(opt: argparse.Namespace) -> None:
+    if opt.project is not None:
+        raise UsageError(
+            "-p/--project is not supported: runs go to <logdir>/<time>_<name>; use -l/--logdir and -n/--name"
+        )
+    if opt.debug:
+        raise UsageError("-d/--debug (post-mortem debugging) is not supported; run python -m pdb main.py ... instead")
     if opt.num_processes < 1:
         raise UsageError(f"--num_processes must be at least 1, got {opt.num_processes}")
     if opt.num_nodes < 1:
         raise UsageError(f"--num_nodes must be at least 1, got {opt.num_nodes}")
     separators = {"/", "\\", os.sep, *([os.altsep] if os.altsep else [])}
-    if any(s in opt.name for s in separators) or opt.name in (".", ".."):
-        raise UsageError(f"-n/--name must be a plain name without path separators, got '{opt.name}'")
+    for flag, value in (("-n/--name", opt.name), ("-f/--postfix", opt.postfix)):
+        if any(s in value for s in separators) or value in (".", ".."):
+            raise UsageError(f"{flag} must be a plain name without path separators, got '{value}'")
 
 
 def parse_devices(gpus: str | None, num_processes: int) -> tuple[str, list[int] | int]:
@@ -348,6 +356,19 @@ def check_config(config: DictConfig) -> None:
         raise UsageError(f"lightning.trainer.max_steps must be a positive number of steps, got {max_steps}")
     check_image_attention_layers(plain)
     check_placeholders(plain)
+    check_prior_preservation(plain)
+
+
+def check_prior_preservation(config: Mapping[str, Any]) -> None:
+    """Prior preservation needs both its loss weight and its class images."""
+    weight = _params(config["model"]).get("prior_loss_weight", 0.0)
+    class_images = _params(config["data"]).get("class_images")
+    if (class_images is None) != (weight == 0):
+        found = "no data.params.class_images" if class_images is None else "data.params.class_images"
+        raise UsageError(
+            "prior preservation needs both model.params.prior_loss_weight > 0 and data.params.class_images; "
+            f"this config has prior_loss_weight {weight} and {found}"
+        )
 
 
 def check_schema(config: Mapping[str, Any]) -> None:
@@ -429,7 +450,8 @@ def check_placeholders(config: Mapping[str, Any]) -> None:
                 f"the captions' placeholder '{data_placeholder}' ({DATA_PLACEHOLDER}) is not the model's "
                 f"{placeholders} ({PLACEHOLDERS}): S* would never be trained; set both with --placeholder_string"
             )
-    for name, callback in ((config.get("lightning") or {}).get("callbacks") or {}).items():
+    lightning = OmegaConf.to_container(OmegaConf.merge(lightning_defaults(), config.get("lightning") or {}))
+    for name, callback in (lightning["callbacks"] or {}).items():
         target = get_obj_from_str(callback["target"]) if callback is not None else None
         if not (isinstance(target, type) and issubclass(target, ImageLogger)):
             continue
@@ -512,11 +534,17 @@ def create_run_folder(parent: Path, stem: str) -> Path:
 
 
 def run_name(opt: argparse.Namespace, resume: Resume | None) -> str:
+    """``-n``, else the resumed run's or the first config's name; with the original's
+    ``--postfix`` after it and ``--datadir_in_name``'s data folder before it."""
     if opt.name:
-        return opt.name
-    if resume is not None:
-        return resume.run.name.partition("_")[2] or resume.run.name
-    return Path(opt.base[0]).stem if opt.base else "run"
+        name = opt.name
+    elif resume is not None:
+        name = resume.run.name.partition("_")[2] or resume.run.name
+    else:
+        name = Path(opt.base[0]).stem if opt.base else "run"
+    if opt.datadir_in_name and opt.data_root:
+        name = f"{Path(opt.data_root[0]).resolve().name}_{name}"
+    return name + opt.postfix
 
 
 def portable(config: DictConfig, logdir: Path) -> DictConfig:
@@ -562,19 +590,78 @@ def copy_into(source: Path, folder: Path) -> Path:
 
 
 # ------------------------------------------------------------------ building
-def learning_rate(config: DictConfig, opt: argparse.Namespace, devices: list[int] | int) -> float:
-    base_lr = config.model.base_learning_rate
-    if not opt.scale_lr:
-        return base_lr
-    n_devices = len(devices) if isinstance(devices, list) else devices
-    accumulate = OmegaConf.select(config, "lightning.trainer.accumulate_grad_batches", default=1)
-    batch_size = config.data.params.batch_size
-    lr = accumulate * n_devices * opt.num_nodes * batch_size * base_lr
-    logger.info(
-        "learning rate of S*: %.2e = %d (accumulate) x %d (devices) x %d (nodes) x %d (batch) x %.2e (base)",
-        lr, accumulate, n_devices, opt.num_nodes, batch_size, base_lr,
-    )
-    return lr
+#: The paper's batch (4 GPUs x 1 in the authors' command).
+PAPER_BATCH = 4
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a run trains at which rate, from the config and the flags, before anything is built."""
+
+    batch_size: int
+    devices: int
+    nodes: int
+    accumulate: int
+    base_lr: float
+    scale_lr: bool
+    model: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, config: DictConfig, opt: argparse.Namespace, devices: list[int] | int) -> TrainingPlan:
+        return cls(
+            batch_size=int(config.data.params.batch_size),
+            devices=len(devices) if isinstance(devices, list) else devices,
+            nodes=opt.num_nodes,
+            accumulate=int(OmegaConf.select(config, "lightning.trainer.accumulate_grad_batches", default=1) or 1),
+            base_lr=float(config.model.base_learning_rate),
+            scale_lr=opt.scale_lr,
+            model=_params(OmegaConf.to_container(config.model, resolve=True)),
+        )
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.devices * self.nodes * self.accumulate
+
+    @property
+    def learning_rate(self) -> float:
+        """S*'s rate: the base rate x the effective batch under ``--scale_lr`` (the authors'
+        5e-3 x 4 = 2e-2), else the base rate."""
+        return self.base_lr * self.effective_batch if self.scale_lr else self.base_lr
+
+    def rates(self) -> dict[str, float | None]:
+        """The learning rate of each kind of weight (None: frozen), as the model's optimiser sets them."""
+        model = self.model
+        layers = _params(model.get("unet_config")).get("image_attention_layers", DEFAULT_IMAGE_ATTENTION_LAYERS)
+        unet = model.get("unet_trainable", "none")
+        text_encoder = bool(model.get("text_encoder_trainable", False))
+        shared = self.learning_rate if model.get("unet_learning_rate") is None else float(model["unet_learning_rate"])
+        return {
+            "S*": self.learning_rate if model.get("placeholder_trainable", True) or text_encoder else None,
+            "image attention": float(model.get("image_attention_learning_rate", 1e-5)) if layers else None,
+            "the UNet" if unet == "all" else "the UNet's cross-attention k/v": shared if unet != "none" else None,
+            "the text encoder": shared if text_encoder else None,
+        }
+
+    def summary(self) -> str:
+        """One line: the effective batch and what trains at which rate."""
+        batch = (
+            f"effective batch {self.effective_batch} = {self.batch_size} (data.params.batch_size) x {self.devices} "
+            f"(devices) x {self.nodes} (nodes) x {self.accumulate} (accumulate)"
+        )
+        rates = self.rates()
+        trained = []
+        for name, rate in rates.items():
+            if rate is None:
+                continue
+            if name == "S*" and self.scale_lr:
+                trained.append(f"S* at {rate:.2e} ({self.base_lr:.2e} x {self.effective_batch}, --scale_lr)")
+            else:
+                trained.append(f"{name} at {rate:.2e}")
+        frozen = " (S* frozen)" if rates["S*"] is None else ""
+        paper = ""
+        if rates["image attention"] is not None and self.effective_batch < PAPER_BATCH:
+            paper = f"; the paper trained at batch {PAPER_BATCH} (on one GPU: data.params.batch_size={PAPER_BATCH})"
+        return f"{batch}; training {', '.join(trained)}{frozen}{paper}"
 
 
 def _with_run_paths(node: Mapping[str, Any], logdir: Path, session: str, name: str, group: str) -> dict[str, Any]:
@@ -605,10 +692,17 @@ def build_loggers(lightning: DictConfig, logdir: Path, session: str, name: str) 
     return loggers
 
 
-def build_callbacks(lightning: DictConfig, logdir: Path, session: str, enable_progress_bar: bool) -> list[pl.Callback]:
+def build_callbacks(
+    lightning: DictConfig, logdir: Path, session: str, enable_progress_bar: bool, has_loggers: bool
+) -> list[pl.Callback]:
+    """The checkpoint callback and ``lightning.callbacks``; without a logger (``logger=false``,
+    or every logger set to null) the learning-rate monitor, which writes only to loggers and
+    refuses to start without one, is left out."""
     nodes = [("modelcheckpoint", lightning.modelcheckpoint)]
     nodes += [("callbacks", node) for node in lightning.callbacks.values() if node is not None]
     callbacks = [instantiate_from_config(_with_run_paths(node, logdir, session, "", group)) for group, node in nodes]
+    if not has_loggers:
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     callbacks.append(StopOnNonFiniteLoss())
     return [*callbacks, StepProgressBar()] if enable_progress_bar else callbacks
 
@@ -628,6 +722,8 @@ def build_trainer(
         "use_distributed_sampler": False,
         "default_root_dir": str(logdir),
         "max_epochs": -1,
+        # Its table's FLOPs column reads 0 (no example input); the start-up line says what trains.
+        "enable_model_summary": False,
         **OmegaConf.to_container(lightning.trainer, resolve=True),
     }
     params["plugins"] = with_atomic_checkpoints(params.get("plugins"))
@@ -636,7 +732,8 @@ def build_trainer(
         logger.info("lightning.trainer.precision not set: training in %s", params["precision"])
     use_loggers = params.pop("logger", True)
     params["logger"] = build_loggers(lightning, logdir, session, logdir.name) if use_loggers else False
-    params["callbacks"] = build_callbacks(lightning, logdir, session, params.get("enable_progress_bar", True) is not False)
+    progress_bar = params.get("enable_progress_bar", True) is not False
+    params["callbacks"] = build_callbacks(lightning, logdir, session, progress_bar, bool(params["logger"]))
     return pl.Trainer(**params)
 
 
@@ -664,10 +761,13 @@ def fill_zero_initialised_weights(model: torch.nn.Module, std: float = 0.05) -> 
     """Give a random base the non-zero output layers a trained SD has.
 
     SD's UNet zero-initialises its output convolutions; left at zero in a random stand-in,
-    they would block every gradient to the image attention.
+    they would block every gradient to the image attention. They are chosen by key, among the
+    base weights (:func:`ldm.models.base_checkpoint.is_base_key`), whether they train or not: a
+    DreamBooth UNet trains its own, and the image attention's zero-initialised output is the
+    method's (trained from zero, as in the authors' code).
     """
-    for parameter in model.parameters():
-        if not parameter.requires_grad and parameter.dim() > 1 and not parameter.any():
+    for name, parameter in model.named_parameters():
+        if is_base_key(name) and parameter.dim() > 1 and not parameter.any():
             parameter.normal_(0.0, std)
 
 
@@ -751,6 +851,8 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
     resume = find_resume(opt.resume) if opt.resume else None
     config = load_config(opt, overrides, resume)
     check_config(config)
+    plan = TrainingPlan.of(config, opt, devices[1])
+    logger.info("%s", plan.summary())
     if resume is not None:
         resume.step = read_resume_checkpoint(resume.checkpoint)
     new_random_base = bool(config.get("random_base", False)) and not OmegaConf.select(config, BASE_CKPT)
@@ -775,7 +877,7 @@ def setup_run(opt: argparse.Namespace, overrides: list[str]) -> Run:
             config_path(logdir, session).unlink(missing_ok=True)
         raise
     model.seed = config.seed
-    model.learning_rate = learning_rate(config, opt, devices[1])
+    model.learning_rate = plan.learning_rate
     model.run_config = OmegaConf.to_container(portable(config, logdir), resolve=True)
     return Run(trainer, model, data, config, logdir, resume.checkpoint if resume else None)
 
@@ -826,9 +928,18 @@ def console_loggers() -> list[logging.Logger]:
     return [logging.getLogger(), logging.getLogger("pytorch_lightning"), logging.getLogger("lightning_fabric")]
 
 
+class DropAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing [litlogger]/[litmodels]" lines, which it
+    prints on every run and which say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip")
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(DropAdvertising())
 
 
 def exception_context(err: BaseException) -> Iterator[BaseException]:

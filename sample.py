@@ -67,6 +67,7 @@ from PIL import Image, ImageDraw
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
+from ldm.cli import HelpFormatter
 from ldm.data.images import ImageError, to_tensor
 from ldm.models.diffusion.latent import LatentDiffusionModel
 from ldm.models.diffusion.ksamplers import SPACINGS
@@ -85,6 +86,7 @@ from ldm.models.loading import (
     base_checkpoint_path,
     build_vico_model,
     default_image_size,
+    missing_config_hint,
     read_vico_weights,
     resolve_config,
     size_multiple,
@@ -120,22 +122,35 @@ class OneLineErrorParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(
         description="Sample images of a learned concept S* with ViCo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--ckpt", action="append", required=True,
+        "--ckpt", action="append",
         help="training checkpoint (.ckpt), adapter export (.safetensors), or the authors' "
         "cross_attention-<step>.pt / embeddings_gs-<step>.pt (one finds the other; or repeat --ckpt for both)",
     )  # fmt: skip
     parser.add_argument(
-        "--ref", nargs="+", action="extend", required=True, metavar="[PLACEHOLDER=]PHOTO",
+        "--ref", "--image_path", nargs="+", action="extend", required=True, metavar="[PLACEHOLDER=]PHOTO",
         help="reference image(s); several are concatenated. Several concepts: one per placeholder, "
         "--ref '*=a.png' --ref '@=b.png'; each prompt uses those of the placeholders it names",
     )  # fmt: skip
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", help="the prompt; '*' stands for the learned concept")
     prompts.add_argument(
-        "--from_file", help="a text file with one prompt per line, optionally 'prompt | negative prompt'"
+        "--from_file", "--from-file", help="a text file with one prompt per line, optionally 'prompt | negative prompt'"
+    )
+    authors = parser.add_argument_group(
+        "the authors' flags (scripts/vico_txt2img.py)",
+        "--ckpt_path is --base_ckpt and --image_path is --ref; --ft_path and --load_step name --ckpt",
+    )
+    authors.add_argument("--ft_path", metavar="RUN", help="a run folder: its checkpoints/last.ckpt, or with --load_step")
+    authors.add_argument(
+        "--load_step", type=int, metavar="N",
+        help="with --ft_path: RUN/checkpoints/cross_attention-N.pt and embeddings_gs-N.pt (numbered by the steps "
+        "trained: 400 for the authors' 399)",
+    )  # fmt: skip
+    authors.add_argument(
+        "--embedding_manager_ckpt", "--embedding_path", dest="embedding_manager_ckpt", help=argparse.SUPPRESS
     )
     parser.add_argument(
         "--negative_prompt", default="", help="what guidance steers away from (the unconditional branch's text)"
@@ -178,8 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="autocast: bf16 (fp16 where bf16 is unsupported) on CUDA; not available on CPU",
     )  # fmt: skip
     parser.add_argument(
-        "--base_ckpt", help="base SD checkpoint or diffusers folder, overriding the one recorded in the config"
-    )
+        "--base_ckpt", "--ckpt_path",
+        help="base SD checkpoint or diffusers folder, overriding the one recorded in the config",
+    )  # fmt: skip
     parser.add_argument("--config", help="model config, overriding the one stored with the weights")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument(
@@ -357,8 +373,40 @@ def check_steps(name: str, steps: int, num_timesteps: int) -> None:
         raise UsageError(f"--ddim_steps {steps} exceeds the model's {num_timesteps} timesteps")
 
 
+def resolve_authors_flags(args: argparse.Namespace) -> None:
+    """Turn the authors' ``--ft_path RUN --load_step N`` into ``--ckpt`` (``--ckpt_path`` and
+    ``--image_path`` are plain aliases); their other weight flags are one line naming ours."""
+    if args.embedding_manager_ckpt is not None:
+        raise UsageError(
+            "--embedding_manager_ckpt: pass the embeddings file with --ckpt (its cross_attention-N.pt is found "
+            "beside it, or repeat --ckpt for both)"
+        )
+    if args.load_step is not None and args.ft_path is None:
+        raise UsageError("--load_step needs --ft_path (the run folder); or pass the file with --ckpt")
+    if args.ft_path is None:
+        if not args.ckpt:
+            raise UsageError("the following arguments are required: --ckpt (or the authors' --ft_path)")
+        return
+    if args.ckpt:
+        raise UsageError("--ft_path and --ckpt both name the weights; pass one of them")
+    folder = Path(args.ft_path) / "checkpoints"
+    if args.load_step is None:
+        args.ckpt = [str(folder / "last.ckpt")]
+        return
+    pair = folder / f"cross_attention-{args.load_step}.pt"
+    if not pair.is_file():
+        steps = sorted(int(p.stem.rpartition("-")[2]) for p in folder.glob("cross_attention-*.pt"))
+        raise UsageError(
+            f"--ft_path {args.ft_path} --load_step {args.load_step}: no {pair.name} in {folder} (steps there: "
+            f"{', '.join(map(str, steps)) or 'none'}; files are numbered by the steps trained: "
+            f"the authors' -399 is -400)"
+        )
+    args.ckpt = [str(pair)]
+
+
 def prepare(args: argparse.Namespace) -> Job:
     """Check the arguments and read the small files, before the (slow) model build."""
+    resolve_authors_flags(args)
     for name in ("n_samples", "n_iter", "ddim_steps"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -384,7 +432,8 @@ def prepare(args: argparse.Namespace) -> Job:
             )
     check_seeds(args)
     check_steps(sampler, args.ddim_steps, int(config.model.params.get("timesteps", 1000)))
-    base_checkpoint_path(config, args.base_ckpt, weights.source, weights.folder)
+    hint = missing_config_hint(weights, args.config)
+    base_checkpoint_path(config, args.base_ckpt, weights.source, weights.folder, hint=hint)
     placeholders = OmegaConf.select(config, "model.params.personalization_config.params.placeholder_strings") or []
     paths, keys = parse_references(args.ref, list(placeholders))
     references = load_reference_images(paths, (height, width), args.ref_resize)
@@ -661,7 +710,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         job = prepare(args)
-        model = build_vico_model(job.weights, job.config, args.base_ckpt, job.device)
+        hint = missing_config_hint(job.weights, args.config)
+        model = build_vico_model(job.weights, job.config, args.base_ckpt, job.device, hint=hint)
         if args.compile:
             model.compile_unet(mode=args.compile)
         plan_references(job, model)

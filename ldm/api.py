@@ -7,7 +7,7 @@
     vico = api.load("logs/<run>/checkpoints/last.ckpt")   # an adapter or the authors' pair too
     images = api.sample(vico, "a photo of * on the beach", ["data/my_toy/00.jpg"], n_samples=4)
     images[0].save("beach.png")
-    api.export(vico, "exports", formats=("adapter", "textual_inversion"))
+    api.export(vico, "exports", formats=("adapter", "textual_inversion"))   # adapter-N, <run name>-N
 
 :func:`sample` samples exactly as ``sample.py`` does (through
 :func:`ldm.models.diffusion.sampling.sample_seeded`): image ``k`` draws its noise from seed
@@ -31,8 +31,16 @@ from ldm.data.images import to_tensor
 from ldm.models.diffusion.latent import LatentDiffusionModel
 from ldm.models.diffusion.samplers import make_sampler
 from ldm.models.diffusion.sampling import REFERENCE_LATENTS, load_reference_images, references_for_prompt, sample_seeded
-from ldm.models.export import export_trained
-from ldm.models.loading import autoencoder_factor, default_image_size, load_vico_model
+from ldm.models.export import export_trained, run_name
+from ldm.models.loading import (
+    API_ARGUMENTS,
+    autoencoder_factor,
+    build_vico_model,
+    default_image_size,
+    missing_config_hint,
+    read_vico_weights,
+    resolve_config,
+)
 
 PathLike = str | os.PathLike[str]
 
@@ -41,11 +49,14 @@ __all__ = ["ViCo", "export", "load", "sample"]
 
 @dataclass
 class ViCo:
-    """A trained ViCo model, ready to sample, with the config it was built from."""
+    """A trained ViCo model, ready to sample, with the config it was built from, the steps it
+    trained (when its file records them) and the name of its run (when it sits in one)."""
 
     model: LatentDiffusionModel
     config: DictConfig
     source: str
+    step: int | None = None
+    run_name: str | None = None
 
 
 def load(
@@ -54,7 +65,8 @@ def load(
     config: PathLike | None = None,
     device: str | torch.device | None = None,
 ) -> ViCo:
-    """Build a trained model from any ViCo format (see :func:`ldm.models.loading.load_vico_model`).
+    """Build a trained model from any ViCo format (as :func:`ldm.models.loading.load_vico_model`;
+    errors name this function's arguments).
 
     Args:
         ckpt: a training checkpoint, an adapter export, or the authors' pair (one file or both).
@@ -67,9 +79,12 @@ def load(
         CheckpointError, ValueError: one-line messages naming the file at fault.
     """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, resolved = load_vico_model(ckpt, config=config, base_ckpt=base_ckpt, device=device)
+    weights = read_vico_weights(ckpt)
+    resolved = resolve_config(weights, config)
+    hint = missing_config_hint(weights, config, API_ARGUMENTS)
+    model = build_vico_model(weights, resolved, base_ckpt, device, API_ARGUMENTS, hint)
     paths = [ckpt] if isinstance(ckpt, (str, os.PathLike)) else list(ckpt)
-    return ViCo(model, resolved, " + ".join(str(p) for p in paths))
+    return ViCo(model, resolved, " + ".join(str(p) for p in paths), weights.step, run_name(weights.folder.parent))
 
 
 def sample(
@@ -140,7 +155,9 @@ def _image_size(config: DictConfig, size: int | tuple[int, int] | None) -> tuple
     return height, width
 
 
-def export(vico: ViCo, folder: PathLike, formats: Sequence[str] = ("adapter",), step: int = 0) -> list[Path]:
+def export(
+    vico: ViCo, folder: PathLike, formats: Sequence[str] = ("adapter",), step: int | None = None, name: str | None = None
+) -> list[Path]:
     """Write the trained weights into ``folder`` (see :func:`ldm.models.export.export_trained`).
 
     Args:
@@ -149,9 +166,15 @@ def export(vico: ViCo, folder: PathLike, formats: Sequence[str] = ("adapter",), 
             and ``diffusers`` (S* alone, for other tools), ``dreambooth`` (the whole model)
             and ``custom_diffusion`` (diffusers' folder), as far as the model has them
             (:func:`ldm.models.export.available_formats`).
-        step: the training step ``N`` in the file names.
+        step: the training step ``N`` in the file names; default: the steps ``vico`` trained, as
+            its file records them.
+        name: the Textual Inversion file's name (its trigger word in AUTOMATIC1111's web UI);
+            default: the run's name (:func:`ldm.models.export.embedding_name`).
 
     Returns:
         The files written.
     """
-    return export_trained(vico.model, vico.config, folder, step, formats)
+    step = vico.step if step is None else step
+    if step is None:
+        raise ValueError(f"{vico.source} does not record its training step; pass step= to api.export")
+    return export_trained(vico.model, vico.config, folder, step, formats, name or vico.run_name)

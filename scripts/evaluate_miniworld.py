@@ -83,6 +83,7 @@ from ldm.models.diffusion.sampling import (  # noqa: E402
     sample_prompt,
 )
 from ldm.models.loading import load_vico_model  # noqa: E402
+from ldm.modules.embedding_manager import check_init_word  # noqa: E402
 from ldm.modules.vico import AttentionRecord  # noqa: E402
 from ldm.util import CheckpointError  # noqa: E402
 from sample import OneLineErrorParser, UsageError, attention_picture, make_grid, parse_device, to_uint8  # noqa: E402
@@ -289,6 +290,8 @@ def load_specs(paths: Sequence[str] | None) -> tuple[ConceptSpec, ...]:
         raise UsageError(f"no concept specs in {CONCEPTS_DIR}")
     try:
         specs = tuple(ConceptSpec.load(path) for path in files)
+        for path, spec in zip(files, specs):
+            check_init_word(spec.init_word, str(path))
     except ValueError as err:
         raise UsageError(str(err)) from None
     names = [spec.name for spec in specs]
@@ -484,6 +487,7 @@ def training_argv(job: MethodJob, evaluation: Evaluation) -> list[str]:
         "-s", str(evaluation.settings.seed), f"lightning.trainer.max_steps={method_steps(job.method, evaluation)}",
         "lightning.callbacks.image_logger.params.batch_frequency=0", "lightning.trainer.enable_progress_bar=false",
         "lightning.trainer.enable_model_summary=false", *evaluation.settings.overrides, *job.method.overrides, *true_mask,
+        "lightning.callbacks.export.params.keep_last=-1",  # every save's exports: Fig. 19 reads S* at each step
     ]  # fmt: skip
 
 

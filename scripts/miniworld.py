@@ -56,6 +56,7 @@ from ldm.models.pretraining import (  # noqa: E402
 from ldm.config_bounds import BoundsError, check_bounds  # noqa: E402
 from ldm.config_schema import unknown_key  # noqa: E402
 from ldm.models.loading import autoencoder_factor  # noqa: E402
+from ldm.modules.embedding_manager import check_init_word  # noqa: E402
 from ldm.util import CheckpointError, checkpoint_format, instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger("miniworld")
@@ -641,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise UsageError(f"--seed must be >= 0, got {args.seed}")
             try:
                 spec = ConceptSpec.load(args.spec)
+                check_init_word(spec.init_word, args.spec)
             except ValueError as err:
                 raise UsageError(str(err)) from None
             check_writable(Path(args.out), "--out")

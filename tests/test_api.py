@@ -36,7 +36,7 @@ def project(tmp_path_factory) -> Path:
     save_state_dict(tiny.base_state_dict(), run / "random-base.safetensors")
     config = tiny_config()
     config.model.params.ckpt_path = "random-base.safetensors"
-    save_adapter(tiny, config, folder / ADAPTER)
+    save_adapter(tiny, config, folder / ADAPTER, step=60)
     (folder / "data" / "my_toy").mkdir(parents=True)
     shutil.copy(PHOTOS[0], folder / "data" / "my_toy" / "00.jpg")
     return folder
@@ -47,7 +47,8 @@ def test_readme_example_runs(project, monkeypatch):
     exec(compile(readme_example(), "README.md", "exec"), {})
     with Image.open(project / "beach.png") as image:
         assert image.size == (64, 64) and image.mode == "RGB"
-    assert sorted(p.name for p in (project / "exports").iterdir()) == ["adapter-0.safetensors", "textual_inversion-0.pt"]
+    # numbered by the steps the adapter records (issue 23: not -0 for a 60-step model)
+    assert sorted(p.name for p in (project / "exports").iterdir()) == ["adapter-60.safetensors", "textual_inversion-60.pt"]
 
 
 @pytest.mark.parametrize("settings", [{}, {"sampler": "euler_a", "ref_resize": "crop", "ref_latent": "mode"}])

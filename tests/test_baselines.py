@@ -245,7 +245,9 @@ def test_dreambooth_trains_the_unet_with_prior_preservation(tmp_path):
     kept = (folder / "00000.png").stat().st_mtime_ns
     class_images.prepare(base.eval())
     assert (folder / "00000.png").stat().st_mtime_ns == kept
-    assert np.array_equal(np.asarray(Image.open(folder / "00001.png")), np.asarray(Image.open(io.BytesIO(first))))
+    # the same noise and weights; alone instead of in a batch of two, so float rounding may differ
+    again, before = (np.asarray(Image.open(f), dtype=np.int16) for f in (folder / "00001.png", io.BytesIO(first)))
+    assert np.abs(again - before).max() <= 2
 
 
 def test_custom_diffusion_changes_only_cross_attention_kv_and_the_token(tmp_path):
@@ -291,7 +293,7 @@ def test_textual_inversion_recipe_trains_s_star_alone(tmp_path):
     assert changed_keys(before, run.model.state_dict()) == {"embedding_manager.string_to_param_dict.*"}
     # its formats, and no empty image-attention file
     assert sorted(p.name for p in (run.logdir / "checkpoints").iterdir()) == [
-        "adapter.safetensors", "last.ckpt", "learned_embeds-steps-1.safetensors", "textual_inversion-1.pt",
+        "adapter.safetensors", "last.ckpt", "learned_embeds-steps-1.safetensors", "t-1.pt",  # S* named after the run
     ]  # fmt: skip
     with pytest.raises(ValueError, match="nothing to write as 'authors'"):
         export_trained(run.model, run.config, tmp_path / "x", 1, formats=["authors"])

@@ -111,8 +111,9 @@ def test_textual_inversion_pt_is_what_common_tools_read(tiny, tmp_path):
     params = data["string_to_param"]
     params = getattr(params, "_parameters", params)
     assert len(params) == 1 and torch.equal(next(iter(params.values())), s_star(tiny))
-    # diffusers' load_textual_inversion (A1111 branch): the token is "name", the vectors "*".
-    assert data["name"] == "*" and torch.equal(data["string_to_param"]["*"], s_star(tiny))
+    # diffusers' load_textual_inversion (A1111 branch): the token is "name" (the file's stem, the
+    # web UI's trigger word; "*" is already a CLIP token), the vectors "*".
+    assert data["name"] == path.stem.rsplit("-", 1)[0] and torch.equal(data["string_to_param"]["*"], s_star(tiny))
     assert data["step"] == 400 and data["string_to_token"] == {"*": STAR}
     assert data["string_to_param"]["*"].dtype == torch.float32
     assert torch.equal(load_authors_embeddings(path)["*"], s_star(tiny))
@@ -205,11 +206,13 @@ def test_cli_exports_a_file_and_names_the_step(tiny, run, tmp_path, capsys):
 def test_cli_mistakes_are_one_line(run, tmp_path, capsys):
     assert export_cli.main(["--run", str(run), "--formats", "adapter", "--outdir", str(tmp_path)]) == 0
     cases = [
-        (["--run", str(run), "--step", "9"], "step=000009.ckpt not found (checkpoints there: step=000003.ckpt)"),
+        (["--run", str(run), "--step", "9"], "step=000009.ckpt not found, nor an export of step 9 that holds all"),
         (["--run", str(tmp_path / "nope")], "no such run folder or file"),
         (["--run", str(run), "--formats", "onnx"], "invalid choice: 'onnx'"),
-        (["--run", str(tmp_path / "adapter-4.safetensors")], "the training step is not recorded in it; pass --step"),
     ]
+    # an adapter records its step (issue 23), so exporting it needs no --step
+    assert export_cli.main(["--run", str(tmp_path / "adapter-4.safetensors"), "--outdir", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "learned_embeds-steps-4.safetensors").is_file()
     capsys.readouterr()
     for argv, fragment in cases:
         assert export_cli.main(argv) == 2, argv

@@ -23,7 +23,8 @@ from tests.test_training import PHOTOS, TINY, setup
 
 REFERENCE = PHOTOS / "00.jpg"
 #: What a run writes beside last.ckpt at every save of step N: name-N.ext.
-EXPORTS = [("cross_attention", "pt"), ("embeddings_gs", "pt"), ("textual_inversion", "pt"), ("learned_embeds-steps", "safetensors")]
+#: The exports of a save; the Textual Inversion file is named after the run ("t").
+EXPORTS = [("cross_attention", "pt"), ("embeddings_gs", "pt"), ("t", "pt"), ("learned_embeds-steps", "safetensors")]
 
 
 @pytest.fixture(autouse=True)

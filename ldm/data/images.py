@@ -98,6 +98,12 @@ def load_image(
     return np.asarray(image, dtype=np.uint8)
 
 
+def pixel_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file, from its header (nothing is decoded)."""
+    with Image.open(path) as image:
+        return image.size
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """``uint8 [..., H, W, 3]`` -> float ``[..., 3, H, W]`` in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float() / 127.5 - 1.0

@@ -1,10 +1,12 @@
 """The few-image concept dataset: every item is a photo, a reference photo and a caption.
 
-Items are a pure function of their index (and the seed): photo ``i % N`` in sorted order,
-a reference chosen at random among the *other* photos (paper, Appendix A), a random
-horizontal flip of each, and a Textual Inversion caption template. Together with
-:class:`ResumableSampler` this makes a run resumable to the exact same data stream, on any
-number of processes.
+Items are a pure function of their index (and the seed): a photo, a reference chosen at
+random among the *other* photos (paper, Appendix A), a random horizontal flip of each, and a
+Textual Inversion caption template. The photos come in a random order, as the authors' data
+loader (``shuffle=True``) draws them: each epoch of ``repeats`` x N items is a fresh permutation
+of the photos repeated ``repeats`` times; ``shuffle=False`` takes photo ``i % N`` in name order
+(the paper's Appendix A reads as that). Together with :class:`ResumableSampler` this makes a run
+resumable to the exact same data stream, on any number of processes.
 
 The photos are decoded once at start-up (all of them: a bad file stops the run before
 training) and kept as ``uint8`` arrays; the model encodes them through the VAE once and
@@ -14,6 +16,8 @@ caches the posteriors, so items carry indices, not pixels. With prior preservati
 """
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -24,11 +28,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ldm.data.images import ImageError, ResizeMode, list_images, load_image, to_tensor
+from ldm.data.images import ImageError, ResizeMode, list_images, load_image, pixel_size, to_tensor
 from ldm.util import instantiate_from_config
 
 if TYPE_CHECKING:
     from ldm.data.class_images import ClassImages
+
+logger = logging.getLogger(__name__)
+#: A training photo whose smaller side is below the training size divided by this is "far
+#: smaller": it is upscaled into a blur, which the model then learns.
+UPSCALE_WARNING = 2
 
 # Textual Inversion's caption templates (``imagenet_templates_small`` of its first, LDM version),
 # the placeholder at {}.
@@ -110,6 +119,8 @@ class PersonalizedBase(Dataset):
             (white: object; the miniature world's concept folders have them): the image
             attention is then masked by the reference's true mask instead of the Otsu mask of
             the S* attention (the paper's Fig. 9 comparison with ground-truth masks).
+        shuffle: draw the photos in a random order per epoch, as the authors' data loader does
+            (default); ``False``: in name order, photo ``i % N``.
     """
 
     def __init__(
@@ -124,6 +135,7 @@ class PersonalizedBase(Dataset):
         resize_mode: ResizeMode = "squash",
         caption_templates: str | list[str] = "vico",
         object_masks: bool = False,
+        shuffle: bool = True,
     ):
         if isinstance(caption_templates, str):
             if caption_templates not in CAPTION_TEMPLATES:
@@ -157,6 +169,7 @@ class PersonalizedBase(Dataset):
                     errors.append(f"{path.name} ({err})")
             if errors:
                 raise ImageError(f"{len(errors)} unreadable image(s) in {root}: " + "; ".join(errors))
+            warn_small_photos(root, paths, size)
             self.paths += paths
         self.concept_start.append(len(self.paths))
         self.images = np.stack(images)
@@ -166,6 +179,7 @@ class PersonalizedBase(Dataset):
         self.flip_p = flip_p
         self.placeholder_tokens = placeholders
         self.seed = seed
+        self.shuffle = shuffle
 
     @property
     def num_images(self) -> int:
@@ -186,7 +200,7 @@ class PersonalizedBase(Dataset):
         rng = np.random.default_rng((self.seed, index))
         concept = index % self.num_concepts
         photos = self.concept_images(concept)
-        image_index = photos[(index // self.num_concepts) % len(photos)]
+        image_index = photos[self.photo_of_item(concept, index // self.num_concepts)]
         others = [i for i in photos if i != image_index] or [image_index]
         reference_index = others[rng.integers(len(others))]
         placeholder = self.placeholder_tokens[concept]
@@ -198,6 +212,14 @@ class PersonalizedBase(Dataset):
             "reference_flip": bool(rng.random() < self.flip_p),
         }
 
+    def photo_of_item(self, concept: int, item: int) -> int:
+        """Which of ``concept``'s photos its ``item``-th item shows (see the module docstring)."""
+        count = len(self.concept_images(concept))
+        if not self.shuffle:
+            return item % count
+        epoch, slot = divmod(item, count * self.repeats)
+        return int(_epoch_order(self.seed, concept, epoch, count * self.repeats)[slot]) % count
+
     def pixels(self) -> torch.Tensor:
         """All photos as ``[N, 3, size, size]`` floats in [-1, 1]."""
         return to_tensor(self.images)
@@ -205,6 +227,30 @@ class PersonalizedBase(Dataset):
     def object_mask_pixels(self) -> torch.Tensor | None:
         """The photos' object masks as ``bool [N, size, size]``, or ``None`` without ``object_masks``."""
         return None if self.masks is None else torch.from_numpy(self.masks)
+
+
+#: Keeps the shuffle's random stream apart from the per-item one (seeded by ``(seed, index)``).
+_SHUFFLE_STREAM = 0x5EED
+
+
+@functools.lru_cache(maxsize=8)
+def _epoch_order(seed: int, concept: int, epoch: int, length: int) -> np.ndarray:
+    """The authors' shuffled epoch: a permutation of its ``length`` items, a pure function of the
+    seed, the concept and the epoch (so a resumed run draws the same order)."""
+    return np.random.default_rng((seed, _SHUFFLE_STREAM, concept, epoch)).permutation(length)
+
+
+def warn_small_photos(root: str | os.PathLike[str], paths: list[Path], size: int) -> None:
+    """Warn about training photos far smaller than the training size (16x16 for 512)."""
+    sides = {path: min(pixel_size(path)) for path in paths}
+    small = sorted((side, path) for path, side in sides.items() if side * UPSCALE_WARNING < size)
+    if small:
+        side, path = small[0]
+        logger.warning(
+            "%d of %d training photos in %s are far smaller than the training size %d px (the smallest, %s, "
+            "has a %d px side): they are upscaled to blurs, which the model then learns; use photos of at "
+            "least %d px", len(small), len(paths), root, size, path.name, side, size // UPSCALE_WARNING,
+        )  # fmt: skip
 
 
 def read_object_mask(photo: Path, size: int, resize_mode: ResizeMode = "squash") -> np.ndarray:

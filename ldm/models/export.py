@@ -11,10 +11,13 @@
   "string_to_param": nn.ParameterDict}``. Written by torch 2, the pickled ParameterDict holds its
   entries in ``_parameters`` (what torch 1.10 reads) and lists them in ``_keys`` (what torch 2
   reads);
-* ``textual_inversion``: S* alone as ``textual_inversion-N.pt`` in Textual Inversion's
-  ``string_to_param`` format as AUTOMATIC1111's web UI writes it (plain dicts and tensors, so
+* ``textual_inversion``: S* alone as ``<name>-N.pt`` in Textual Inversion's ``string_to_param``
+  format as AUTOMATIC1111's web UI writes it (plain dicts and tensors, so
   ``torch.load(weights_only=True)`` reads it; the web UI and diffusers' ``load_textual_inversion``
-  read the ``"*"`` entry, diffusers names the token after ``"name"``);
+  read the ``"*"`` entry). The web UI makes the file name the trigger word of prompts, so the
+  file is named after the run (:func:`embedding_name`): ``my_toy-400.pt`` is triggered by
+  "a photo of my_toy-400 on the beach"; ``"name"`` holds the same word, which diffusers takes
+  as the token;
 * ``diffusers``: S* alone as ``learned_embeds-steps-N.safetensors``, ``{token: [n, D]}`` as
   diffusers' Textual Inversion script writes it;
 * ``adapter``: ``adapter-N.safetensors``, this project's export (:func:`save_adapter`);
@@ -34,13 +37,18 @@
 S* is the first placeholder of the embedding manager (the one whose attention map gives the
 mask); the Textual Inversion formats hold one embedding, so other placeholders are left out of
 them with a warning. Every file is written atomically and readable by others
-(:func:`ldm.util.write_atomically`).
+(:func:`ldm.util.write_atomically`). Files are numbered by the steps trained (``-400`` after 400
+steps); the authors' own runs number their pair by the last step's index (``-399``), so their
+``vico_txt2img.py --load_step`` takes 400 for ours. :func:`export_files` finds a folder's
+exports by step (a run keeps those of its last saves).
 """
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +68,20 @@ EXPORT_FORMATS = ("authors", "textual_inversion", "diffusers", "adapter", "dream
 DEFAULT_FORMATS = ("authors", "textual_inversion", "diffusers")
 #: The key under which Textual Inversion ``.pt`` files hold their embedding, whatever its name.
 TI_KEY = "*"
+#: The Textual Inversion file's name when neither a run nor a word-like placeholder names it.
+DEFAULT_EMBEDDING_NAME = "textual_inversion"
+#: The files of each format at step ``{step}`` (``{name}``: :func:`embedding_name`); a
+#: ``custom_diffusion`` entry is a folder.
+FILE_NAMES = {
+    "authors": ("cross_attention-{step}.pt", "embeddings_gs-{step}.pt"),
+    "textual_inversion": ("{name}-{step}.pt",),
+    "diffusers": ("learned_embeds-steps-{step}.safetensors",),
+    "adapter": ("adapter-{step}.safetensors",),
+    "dreambooth": ("dreambooth-{step}.safetensors",),
+    "custom_diffusion": ("custom_diffusion-{step}",),
+}
+#: A run folder's name, ``<time>_<name>`` (main.py), with the name in group 1.
+_RUN_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}_(.+)$")
 #: The modifier token's name in Custom Diffusion exports (its scripts' default), for diffusers'
 #: tokenizer, which cannot take ``*`` as a new token: prompts there read "<new1> dog".
 MODIFIER_TOKEN = "<new1>"
@@ -95,12 +117,62 @@ def method_formats(model: LatentDiffusionModel) -> tuple[str, ...]:
     return tuple(name for name in DEFAULT_FORMATS if name in available_formats(model))
 
 
+def run_name(folder: PathLike) -> str | None:
+    """The run's name of a run folder ``<time>_<name>`` (what ``main.py -n`` gave), else None."""
+    match = _RUN_FOLDER.match(Path(folder).name)
+    return match.group(1) if match else None
+
+
+def embedding_name(name: str | None, model: LatentDiffusionModel) -> str:
+    """The Textual Inversion file's stem, which AUTOMATIC1111's web UI makes the trigger word:
+    ``name`` (a run's name), else the placeholder if it is a word (``<my-toy>`` gives ``my-toy``),
+    else :data:`DEFAULT_EMBEDDING_NAME`; only letters, digits, ``_``, ``.`` and ``-`` are kept."""
+    for candidate in (name, next(iter(model.embedding_manager.string_to_token_dict))):
+        cleaned = re.sub(r"[^\w.-]+", "-", candidate or "").strip("-.")
+        if re.search(r"[A-Za-z0-9]", cleaned):
+            return cleaned
+    return DEFAULT_EMBEDDING_NAME
+
+
+def export_files(folder: PathLike, name: str) -> dict[int, list[Path]]:
+    """The exports in ``folder`` by step: every file (or Custom Diffusion folder) of
+    :data:`FILE_NAMES` that exists, with ``name`` the Textual Inversion stem."""
+    patterns = [
+        re.compile(r"(\d+)".join(re.escape(part.format(name=name)) for part in template.split("{step}")) + "$")
+        for templates in FILE_NAMES.values()
+        for template in templates
+    ]
+    found: dict[int, list[Path]] = {}
+    for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+        for pattern in patterns:
+            match = pattern.fullmatch(path.name)
+            if match:
+                found.setdefault(int(match.group(1)), []).append(path)
+                break
+    return found
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """One export: what to write and where (the writers' one argument)."""
+
+    model: LatentDiffusionModel
+    config: ConfigLike
+    folder: Path
+    step: int
+    name: str
+
+    def path(self, template: str) -> Path:
+        return self.folder / template.format(name=self.name, step=self.step)
+
+
 def export_trained(
     model: LatentDiffusionModel,
     config: ConfigLike,
     folder: PathLike,
     step: int,
-    formats: Sequence[str] = DEFAULT_FORMATS,
+    formats: Sequence[str] | None = None,
+    name: str | None = None,
 ) -> list[Path]:
     """Write the trained S* and image attention of ``model`` at training step ``step``.
 
@@ -109,7 +181,8 @@ def export_trained(
         config: its run config (stored in the adapter; names the base checkpoint).
         folder: where the files go (created if missing); existing files are replaced.
         step: the training step, part of every file name.
-        formats: any of :data:`EXPORT_FORMATS`.
+        formats: any of :data:`EXPORT_FORMATS`; ``None``: the method's (:func:`method_formats`).
+        name: the run's name, for the Textual Inversion file (:func:`embedding_name`).
 
     Returns:
         The files written, in the order of ``formats``.
@@ -118,11 +191,12 @@ def export_trained(
         ValueError: an unknown format, one the model has nothing for (:func:`available_formats`)
             or a negative step (nothing is written).
     """
-    unknown = [name for name in formats if name not in EXPORT_FORMATS]
+    formats = method_formats(model) if formats is None else formats
+    unknown = [kind for kind in formats if kind not in EXPORT_FORMATS]
     if unknown:
         raise ValueError(f"unknown export format '{unknown[0]}'; choose from {', '.join(EXPORT_FORMATS)}")
     available = available_formats(model)
-    missing = [name for name in formats if name not in available]
+    missing = [kind for kind in formats if kind not in available]
     if missing:
         raise ValueError(
             f"this model has nothing to write as '{missing[0]}' (it did not train that part, or its base "
@@ -130,58 +204,59 @@ def export_trained(
         )
     if step < 0:
         raise ValueError(f"the training step must be >= 0, got {step}")
-    folder = Path(folder)
+    job = ExportJob(model, config, Path(folder), step, embedding_name(name, model))
     written: list[Path] = []
-    for name in dict.fromkeys(formats):
-        written += _WRITERS[name](model, config, folder, step)
+    for kind in dict.fromkeys(formats):
+        written += _WRITERS[kind](job)
     logger.info("exported step %d: %s", step, ", ".join(path.name for path in written))
     return written
 
 
-def _write_authors_pair(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_authors_pair(job: ExportJob) -> list[Path]:
+    model = job.model
     image_attention = {
         key.removeprefix("model."): value.detach().cpu().contiguous().clone()
         for key, value in model.trained_state_dict().items()
         if ".image_cross_attention." in key
     }
-    cross_attention = folder / f"cross_attention-{step}.pt"
-    embeddings = folder / f"embeddings_gs-{step}.pt"
+    cross_attention, embeddings = (job.path(template) for template in FILE_NAMES["authors"])
     write_atomically(cross_attention, lambda temporary: torch.save(image_attention, temporary))
     write_atomically(embeddings, model.embedding_manager.save_authors_format)
     return [cross_attention, embeddings]
 
 
-def _write_textual_inversion(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
-    placeholder, token_id, vectors = _placeholder_vectors(model)
-    base = OmegaConf.select(_as_config(config), "model.params.ckpt_path")
+def _write_textual_inversion(job: ExportJob) -> list[Path]:
+    _, token_id, vectors = _placeholder_vectors(job.model)
+    base = OmegaConf.select(_as_config(job.config), "model.params.ckpt_path")
     content = {
         "string_to_token": {TI_KEY: token_id},
         "string_to_param": {TI_KEY: vectors},
-        "name": placeholder,
-        "step": step,
+        "name": job.name,
+        "step": job.step,
         "sd_checkpoint": None,
         "sd_checkpoint_name": Path(base).stem if base else None,
     }
-    path = folder / f"textual_inversion-{step}.pt"
+    (path,) = (job.path(template) for template in FILE_NAMES["textual_inversion"])
     write_atomically(path, lambda temporary: torch.save(content, temporary))
     return [path]
 
 
-def _write_diffusers(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
-    placeholder, _, vectors = _placeholder_vectors(model)
-    path = folder / f"learned_embeds-steps-{step}.safetensors"
+def _write_diffusers(job: ExportJob) -> list[Path]:
+    placeholder, _, vectors = _placeholder_vectors(job.model)
+    (path,) = (job.path(template) for template in FILE_NAMES["diffusers"])
     tensors = {placeholder: vectors}
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
     return [path]
 
 
-def _write_adapter(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
-    path = folder / f"adapter-{step}.safetensors"
-    save_adapter(model, config, path)
+def _write_adapter(job: ExportJob) -> list[Path]:
+    (path,) = (job.path(template) for template in FILE_NAMES["adapter"])
+    save_adapter(job.model, job.config, path, job.step)
     return [path]
 
 
-def _write_dreambooth(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_dreambooth(job: ExportJob) -> list[Path]:
+    model = job.model
     tensors = {key: value.cpu().contiguous().clone() for key, value in model.base_state_dict().items()}
     table = "cond_stage_model." + _token_embedding_name(model)
     manager = model.embedding_manager
@@ -190,7 +265,7 @@ def _write_dreambooth(model: LatentDiffusionModel, config: ConfigLike, folder: P
     unnamed = [p for p in manager.string_to_token_dict if p not in manager.identifier_token_ids]
     if unnamed:
         logger.warning("%s: no identifier word, so other tools' prompts cannot name it in the DreamBooth file", unnamed)
-    path = folder / f"dreambooth-{step}.safetensors"
+    (path,) = (job.path(template) for template in FILE_NAMES["dreambooth"])
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata={"format": "pt"}))
     return [path]
 
@@ -201,7 +276,8 @@ def _token_embedding_name(model: LatentDiffusionModel) -> str:
     return next(name for name, p in model.cond_stage_model.named_parameters() if p is table)
 
 
-def _write_custom_diffusion(model: LatentDiffusionModel, config: ConfigLike, folder: Path, step: int) -> list[Path]:
+def _write_custom_diffusion(job: ExportJob) -> list[Path]:
+    model = job.model
     processors: dict[str, Any] = {}
     for name, value in model.model.diffusion_model.state_dict().items():
         if ".transformer_blocks." not in name or not name.endswith(CROSS_ATTENTION_KV):
@@ -212,7 +288,7 @@ def _write_custom_diffusion(model: LatentDiffusionModel, config: ConfigLike, fol
         processors[f"{block}.attn2.processor.{projection}_custom_diffusion.weight"] = value.detach().cpu().clone()
     _, _, vectors = _placeholder_vectors(model)
     embedding = {MODIFIER_TOKEN: vectors[0] if len(vectors) == 1 else vectors}
-    target = folder / f"custom_diffusion-{step}"
+    (target,) = (job.path(template) for template in FILE_NAMES["custom_diffusion"])
     weights, token = target / CUSTOM_DIFFUSION_WEIGHTS, target / f"{MODIFIER_TOKEN}.bin"
     write_atomically(weights, lambda temporary: torch.save(processors, temporary))
     write_atomically(token, lambda temporary: torch.save(embedding, temporary))
@@ -240,7 +316,7 @@ def _diffusers_block_name(compvis: str, resnets: int) -> str:
     return f"up_blocks.{level}.attentions.{position}.{rest}"
 
 
-_WRITERS: dict[str, Callable[[LatentDiffusionModel, ConfigLike, Path, int], list[Path]]] = {
+_WRITERS: dict[str, Callable[[ExportJob], list[Path]]] = {
     "authors": _write_authors_pair,
     "textual_inversion": _write_textual_inversion,
     "diffusers": _write_diffusers,

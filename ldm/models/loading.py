@@ -11,8 +11,15 @@ the DreamBooth and Custom Diffusion baselines):
   run config as YAML in the metadata (``format: vico-adapter``);
 * the **authors' release pair** ``cross_attention-<step>.pt`` (image attention, keys without
   the leading ``model.``) and ``embeddings_gs-<step>.pt`` (S*). Either file finds its sibling
-  of the same step in its folder; both may also be given explicitly, in any order and under
-  any names. Their config defaults to ``configs/vico.yaml``.
+  of the same step in its folder; both may also be given explicitly, in any
+  order and under any names. The pair stores no config: inside a run folder
+  (``<run>/checkpoints/``) the run's own ``configs/*.yaml`` are read, elsewhere
+  ``configs/vico.yaml`` is assumed and an error that may come from that assumption says so.
+
+The base checkpoint is found where the run recorded it (:func:`base_checkpoint_candidates`:
+beside the weights, in the checkout, under ``models/``); errors name the argument that gives
+it, ``--base_ckpt`` on the command line or ``base_ckpt=`` in :mod:`ldm.api`
+(:class:`ArgumentNames`).
 
 Every mistake a user can make raises a one-line :class:`CheckpointError` or ``ValueError``
 naming the file.
@@ -35,7 +42,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ldm import CONFIG_DIR
+from ldm import CHECKOUT, CONFIG_DIR
 from ldm.models.diffusion.latent import SAMPLING_CLASSES, LatentDiffusionModel
 from ldm.modules.diffusionmodules.openaimodel import DEFAULT_CHANNEL_MULT
 from ldm.modules.embedding_manager import load_authors_embeddings
@@ -54,10 +61,7 @@ from ldm.util import (
 
 logger = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = CONFIG_DIR / "vico.yaml"
-#: Where the README tells users to put their Stable Diffusion weights.
-MODELS_DIR = ROOT / "models" / "ldm" / "stable-diffusion-v1"
 ADAPTER_FORMAT = "vico-adapter"
 _ENCODER_CH_MULT = (1, 2, 4, 8)  # the Encoder's default when a config leaves ch_mult out
 PLACEHOLDER_PREFIX = "embedding_manager.string_to_param_dict."
@@ -71,14 +75,32 @@ _FORMATS_HELP = (
 PathLike = str | os.PathLike[str]
 
 
+@dataclass(frozen=True)
+class ArgumentNames:
+    """How the user of a front end passes the base checkpoint and the config: errors name these,
+    so that a user of :mod:`ldm.api` (an installed wheel has no ``sample.py``) is not told about
+    a command-line flag."""
+
+    base_ckpt: str
+    config: str
+
+
+CLI_ARGUMENTS = ArgumentNames("--base_ckpt", "--config")
+API_ARGUMENTS = ArgumentNames("base_ckpt=... to api.load", "config=... to api.load")
+
+
 @dataclass
 class ViCoWeights:
-    """What a ViCo file holds: the trained tensors (model key names) and, if stored, the config."""
+    """What a ViCo file holds: the trained tensors (model key names), the config stored with
+    them or, for the authors' pair in a run folder, the run's (``config_source`` says which
+    file), and the training step when the file records it."""
 
     state_dict: dict[str, torch.Tensor]
     config: DictConfig | None
     source: str
     folder: Path = Path(".")
+    step: int | None = None
+    config_source: str | None = None
 
 
 # ------------------------------------------------------------------- reading
@@ -98,7 +120,25 @@ def read_vico_weights(ckpt: PathLike | Sequence[PathLike]) -> ViCoWeights:
     for key, value in weights.state_dict.items():
         check_tensor_values(key, value, True, weights.source)
     weights.folder = paths[0].resolve().parent
+    if weights.config is None:
+        weights.config, weights.config_source = run_folder_config(weights.folder)
     return weights
+
+
+def run_folder_config(folder: Path) -> tuple[DictConfig | None, str | None]:
+    """The config of the run whose ``checkpoints/`` is ``folder`` (its sessions'
+    ``configs/*.yaml`` merged in order, as ``main.py -r`` merges them), and where it was read;
+    ``(None, None)`` outside a run folder. It is checked like any stored config when used."""
+    configs = sorted((folder.parent / "configs").glob("*.yaml")) if folder.name == "checkpoints" else []
+    if not configs:
+        return None, None
+    try:
+        merged = OmegaConf.merge(*(OmegaConf.load(path) for path in configs))
+    except (OmegaConfBaseException, ValueError, OSError) as err:
+        raise CheckpointError(f"{configs[-1]}: the run's config cannot be read ({type(err).__name__})") from None
+    if not isinstance(merged, DictConfig):
+        raise CheckpointError(f"{configs[-1]}: the run's config is not a mapping")
+    return merged, str(configs[-1])
 
 
 def _read_weights(paths: Sequence[Path]) -> ViCoWeights:
@@ -141,7 +181,9 @@ def _read_training_checkpoint(path: Path) -> ViCoWeights:
     config = content.get("config")
     if config is not None and not isinstance(config, Mapping):
         raise CheckpointError(f"{path}: its 'config' is a {type(config).__name__}, expected a nested dict")
-    return ViCoWeights(dict(state_dict), OmegaConf.create(dict(config)) if config is not None else None, str(path))
+    step = content.get("global_step")
+    stored = OmegaConf.create(dict(config)) if config is not None else None
+    return ViCoWeights(dict(state_dict), stored, str(path), step=step if isinstance(step, int) else None)
 
 
 def _read_adapter(path: Path) -> ViCoWeights:
@@ -160,7 +202,8 @@ def _read_adapter(path: Path) -> ViCoWeights:
             config = OmegaConf.create(metadata["config"])
         except (OmegaConfBaseException, ValueError) as err:
             raise CheckpointError(f"{path}: its config metadata is not valid YAML ({type(err).__name__})") from None
-    return ViCoWeights(state_dict, config, str(path))
+    step = metadata.get("step")
+    return ViCoWeights(state_dict, config, str(path), step=int(step) if step and step.isdigit() else None)
 
 
 def _order_pair(paths: Sequence[Path]) -> tuple[Path, Path]:
@@ -197,7 +240,8 @@ def _read_authors_pair(cross_attention: Path, embeddings: Path) -> ViCoWeights:
         state_dict[key if key.startswith("model.") else f"model.{key}"] = value
     vectors = _read_embeddings(embeddings)
     state_dict.update({PLACEHOLDER_PREFIX + name: value for name, value in vectors.items()})
-    return ViCoWeights(state_dict, None, source)
+    named = _AUTHORS_NAME.match(cross_attention.name)
+    return ViCoWeights(state_dict, None, source, step=int(named.group(2)) if named else None)
 
 
 def _read_embeddings(path: Path) -> dict[str, torch.Tensor]:
@@ -214,7 +258,8 @@ def _read_embeddings(path: Path) -> dict[str, torch.Tensor]:
 
 # -------------------------------------------------------------------- config
 def resolve_config(weights: ViCoWeights, config: PathLike | None = None) -> DictConfig:
-    """Explicit ``config`` file > the config stored with the weights > ``configs/vico.yaml``.
+    """Explicit ``config`` file > the config stored with the weights (or their run folder's)
+    > ``configs/vico.yaml``.
 
     A config stored with the weights came from someone else: it may only name the project's
     own classes (:func:`ldm.util.check_stored_config`).
@@ -225,7 +270,7 @@ def resolve_config(weights: ViCoWeights, config: PathLike | None = None) -> Dict
             raise ValueError(f"config not found: {path}")
         resolved = OmegaConf.load(path)
     elif weights.config is not None:
-        check_stored_config(weights.config, weights.source)
+        check_stored_config(weights.config, weights.config_source or weights.source)
         resolved = weights.config
     else:
         resolved = OmegaConf.load(DEFAULT_CONFIG)
@@ -256,43 +301,74 @@ def default_image_size(config: DictConfig) -> int:
     return int(config.model.params.get("image_size", 64)) * autoencoder_factor(config)
 
 
+def models_root() -> Path:
+    """``models/`` of the checkout, or of the working folder when running from an installed wheel."""
+    return (CHECKOUT if CHECKOUT is not None else Path.cwd()) / "models"
+
+
+def model_folders() -> list[Path]:
+    """``models/`` and its folders three levels down (``models/ldm/stable-diffusion-v1/``, where
+    the README puts SD weights; ``models/miniworld/``, the shipped base)."""
+    root = models_root()
+    return [root, *(p for pattern in ("*", "*/*", "*/*/*") for p in sorted(root.glob(pattern)) if p.is_dir())]
+
+
 def base_checkpoint_candidates(recorded: PathLike, folder: PathLike) -> list[Path]:
     """Where a base checkpoint recorded as ``recorded`` by a ViCo file in ``folder`` may be.
 
-    Files written for sharing record only the base's file name (:func:`portable_config`), and
-    runs may be moved: the recorded path as given, then relative to the weights' folder and
-    its parent (a run folder, for ``checkpoints/*``), then its name in those folders and in
-    ``models/ldm/stable-diffusion-v1/``.
+    Runs record a base inside the checkout relative to it (``models/miniworld/base.safetensors``,
+    :func:`portable_config`), files written for sharing record any other base by its file name,
+    and runs may be moved: the recorded path as given, then relative to the weights' folder,
+    its parent (a run folder, for ``checkpoints/*``) and the checkout, then its name in those
+    folders and under ``models/`` (:func:`model_folders`).
     """
     recorded, folder = Path(recorded), Path(folder)
     candidates = [recorded]
     if not recorded.is_absolute():
         candidates += [folder / recorded, folder.parent / recorded]
-    candidates += [place / recorded.name for place in (folder, folder.parent, MODELS_DIR)]
+        candidates += [CHECKOUT / recorded] if CHECKOUT is not None else []
+    candidates += [place / recorded.name for place in (folder, folder.parent, *model_folders())]
     return list(dict.fromkeys(candidates))
 
 
+def missing_config_hint(weights: ViCoWeights, config: PathLike | None, names: ArgumentNames = CLI_ARGUMENTS) -> str:
+    """What an error must add when the config it used was assumed, not read: the authors' pair
+    outside a run folder stores none, and ``configs/vico.yaml`` (SD v1.4) is then a guess."""
+    if config is not None or weights.config is not None:
+        return ""
+    return (
+        f"; {weights.source} stores no config and is not in a run folder (<run>/checkpoints/), so "
+        f"{_shown(DEFAULT_CONFIG)} was assumed: pass the config it was trained with ({names.config})"
+    )
+
+
 def base_checkpoint_path(
-    config: DictConfig, base_ckpt: PathLike | None, source: str, folder: PathLike = "."
+    config: DictConfig,
+    base_ckpt: PathLike | None,
+    source: str,
+    folder: PathLike = ".",
+    names: ArgumentNames = CLI_ARGUMENTS,
+    hint: str = "",
 ) -> Path:
     """``base_ckpt`` if given, else the ``model.params.ckpt_path`` of the config, looked for
-    where :func:`base_checkpoint_candidates` says; a file or a diffusers folder that must exist."""
+    where :func:`base_checkpoint_candidates` says; a file or a diffusers folder that must exist.
+    Errors name the argument of ``names`` and end with ``hint`` (:func:`missing_config_hint`)."""
     if base_ckpt is not None:
         if not Path(base_ckpt).exists():
-            raise CheckpointError(f"base checkpoint not found: {base_ckpt} (from --base_ckpt)")
+            raise CheckpointError(f"base checkpoint not found: {base_ckpt} (from {names.base_ckpt.split('=')[0]})")
         return find_base_checkpoint(base_ckpt)
     recorded = config.model.get("params", {}).get("ckpt_path")
     if not recorded:
         raise ValueError(
             f"{source}: its config names no base Stable Diffusion checkpoint (model.params.ckpt_path); "
-            f"pass --base_ckpt"
+            f"pass {names.base_ckpt}{hint}"
         )
     for candidate in base_checkpoint_candidates(recorded, folder):
         if candidate.exists():
             return find_base_checkpoint(candidate)
     raise CheckpointError(
         f"base checkpoint not found: {recorded} (from model.params.ckpt_path of {source}; also looked beside "
-        f"it and in {MODELS_DIR}); pass --base_ckpt"
+        f"it and under {models_root()}); pass {names.base_ckpt}{hint}"
     )
 
 
@@ -309,17 +385,27 @@ def sampling_model_config(config: DictConfig) -> dict[str, Any]:
 
 
 def build_vico_model(
-    weights: ViCoWeights, config: DictConfig, base_ckpt: PathLike | None = None, device: str | torch.device = "cpu"
+    weights: ViCoWeights,
+    config: DictConfig,
+    base_ckpt: PathLike | None = None,
+    device: str | torch.device = "cpu",
+    names: ArgumentNames = CLI_ARGUMENTS,
+    hint: str = "",
 ) -> LatentDiffusionModel:
-    """Instantiate the model of ``config`` on ``device``, then load the base and the trained weights."""
-    base = base_checkpoint_path(config, base_ckpt, weights.source, weights.folder)
+    """Instantiate the model of ``config`` on ``device``, then load the base and the trained
+    weights; a file that does not fit the model is an error ending with ``hint``
+    (:func:`missing_config_hint`: the config may be the wrong one)."""
+    base = base_checkpoint_path(config, base_ckpt, weights.source, weights.folder, names, hint)
     model_config = sampling_model_config(config)
     with parameters_on_meta():  # no random initialisation of weights the files then replace
         model = instantiate_from_config(model_config)
     if not isinstance(model, LatentDiffusionModel):
         raise ValueError(f"config of {weights.source} builds a {type(model).__name__}, not a LatentDiffusionModel")
-    model.load_base_checkpoint(str(base), assign=True)
-    model.load_trained_state_dict(weights.state_dict, weights.source, assign=True)
+    try:
+        model.load_base_checkpoint(str(base), assign=True)
+        model.load_trained_state_dict(weights.state_dict, weights.source, assign=True)
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}{hint}") from None
     _fill_initial_embeddings(model)
     left = [name for name, p in model.named_parameters() if p.is_meta]
     if left:
@@ -363,6 +449,7 @@ def load_vico_model(
     config: PathLike | None = None,
     base_ckpt: PathLike | None = None,
     device: str | torch.device = "cpu",
+    names: ArgumentNames = CLI_ARGUMENTS,
 ) -> tuple[LatentDiffusionModel, DictConfig]:
     """A ready (eval-mode) ViCo model from any of the three formats, and the config it used.
 
@@ -372,20 +459,24 @@ def load_vico_model(
         config: a config file overriding the one stored with the weights.
         base_ckpt: the base SD checkpoint, overriding ``model.params.ckpt_path`` of the config.
         device: where the model is built and lives.
+        names: how the caller's user passes ``base_ckpt`` and ``config``, for error messages.
 
     Raises:
         CheckpointError, ValueError: one-line messages naming the file at fault.
     """
     weights = read_vico_weights(ckpt)
     resolved = resolve_config(weights, config)
-    return build_vico_model(weights, resolved, base_ckpt, device), resolved
+    hint = missing_config_hint(weights, config, names)
+    return build_vico_model(weights, resolved, base_ckpt, device, names, hint), resolved
 
 
 # ----------------------------------------------------------------- exporting
 def portable_config(config: DictConfig | Mapping[str, Any]) -> DictConfig:
-    """A copy of ``config`` fit for sharing: every absolute path (the base checkpoint, the data
-    folder, ...) is replaced by its file name, so that no path of the machine that wrote it
-    travels with the file; the base checkpoint is then found by name (:func:`base_checkpoint_candidates`)."""
+    """A copy of ``config`` fit for sharing: no path of the machine that wrote it travels with
+    the file. A path inside the checkout is recorded relative to it (the shipped
+    ``models/miniworld/base.safetensors`` then loads from any copy of the checkout, without
+    ``--base_ckpt``); any other absolute path (the base checkpoint, the data folder, ...) is
+    replaced by its file name, and the base is then found by name (:func:`base_checkpoint_candidates`)."""
     container = OmegaConf.to_container(
         config if isinstance(config, DictConfig) else OmegaConf.create(dict(config)), resolve=True
     )
@@ -396,14 +487,29 @@ def portable_config(config: DictConfig | Mapping[str, Any]) -> DictConfig:
         if isinstance(node, list):
             return [strip(value) for value in node]
         if isinstance(node, str) and (os.path.isabs(node) or node.startswith("~")):
-            return Path(node).name
+            return _checkout_relative(Path(node)) or Path(node).name
         return node
 
     return OmegaConf.create(strip(container))
 
 
-def save_adapter(model: LatentDiffusionModel, config: DictConfig | Mapping[str, Any], path: PathLike) -> None:
-    """Write the adapter export (trained tensors + the run config as YAML) for sharing.
+def _shown(path: Path) -> str:
+    """``path`` as a user of the checkout reads it (``configs/vico.yaml``), else in full."""
+    return _checkout_relative(path) or str(path)
+
+
+def _checkout_relative(path: Path) -> str | None:
+    """``path`` relative to the checkout, if it lies inside it (never for an installed wheel)."""
+    if CHECKOUT is None or not path.is_relative_to(CHECKOUT):
+        return None
+    return path.relative_to(CHECKOUT).as_posix()
+
+
+def save_adapter(
+    model: LatentDiffusionModel, config: DictConfig | Mapping[str, Any], path: PathLike, step: int | None = None
+) -> None:
+    """Write the adapter export (trained tensors, the run config as YAML and the training step)
+    for sharing.
 
     The config is made portable (:func:`portable_config`: no absolute paths); the file is
     written atomically and readable by others as the umask allows
@@ -411,4 +517,6 @@ def save_adapter(model: LatentDiffusionModel, config: DictConfig | Mapping[str, 
     """
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in model.trained_state_dict().items()}
     metadata = {"config": OmegaConf.to_yaml(portable_config(config)), "format": ADAPTER_FORMAT}
+    if step is not None:
+        metadata["step"] = str(step)
     write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))

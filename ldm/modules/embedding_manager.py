@@ -1,5 +1,6 @@
 """Learnable placeholder-token embeddings (the S* of Textual Inversion / ViCo)."""
 
+import functools
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -47,6 +48,18 @@ def single_token_id(tokenizer: CLIPTokenizer, text: str, role: str, advice: str)
     if len(ids) != 1:
         raise ValueError(f"{role} {text!r} is {len(ids)} CLIP tokens ({ids}); {advice}")
     return ids[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer()
+
+
+def check_init_word(word: str, source: str) -> None:
+    """Refuse an init word that is not one CLIP token ("hexagon" is two) with a one-line
+    ``ValueError`` naming ``source``: for commands that would otherwise find out only when the
+    first training starts, minutes later."""
+    single_token_id(_tokenizer(), word, f"{source}: init_word", "choose a word that is a single token")
 
 
 def identifier_token_id(tokenizer: CLIPTokenizer, text: str) -> int:

@@ -272,14 +272,30 @@ def make_ddim_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
     """
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"the number of sampling steps must be in 1..{num_train_timesteps}, got {num_steps}")
-    stride = num_train_timesteps // num_steps
-    steps = np.arange(0, num_train_timesteps, stride) + 1
+    steps = _uniform_timesteps(num_steps, num_train_timesteps)
     if steps[-1] >= num_train_timesteps:
+        below, above = (_nearest_fitting(num_steps, num_train_timesteps, direction) for direction in (-1, 1))
+        nearest = " or ".join(str(n) for n in (below, above) if n is not None)
         raise ValueError(
             f"{num_steps} sampling steps do not fit CompVis's uniform schedule (its last timestep "
-            f"would be {steps[-1]}, beyond {num_train_timesteps - 1}); choose another step count"
+            f"would be {steps[-1]}, beyond {num_train_timesteps - 1}); the nearest that fit: {nearest}"
         )
     return steps
+
+
+def _uniform_timesteps(num_steps: int, num_train_timesteps: int) -> np.ndarray:
+    return np.arange(0, num_train_timesteps, num_train_timesteps // num_steps) + 1
+
+
+def _nearest_fitting(num_steps: int, num_train_timesteps: int, direction: int) -> int | None:
+    """The closest step count below (``direction`` -1) or above (+1) ``num_steps`` whose uniform
+    schedule stays inside the ``num_train_timesteps`` of the model, if any."""
+    candidate = num_steps + direction
+    while 1 <= candidate < num_train_timesteps:
+        if _uniform_timesteps(candidate, num_train_timesteps)[-1] < num_train_timesteps:
+            return candidate
+        candidate += direction
+    return None
 
 
 @dataclass
