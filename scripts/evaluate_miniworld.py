@@ -513,7 +513,7 @@ def run_training(job: MethodJob, evaluation: Evaluation) -> Path:
 def train_method(job: MethodJob, evaluation: Evaluation) -> Path:
     """Train (or finish training) ``job``'s method on the concept once; its last checkpoint."""
     if job.method.trained_as is not None:
-        shared = METHODS[job.method.trained_as]
+        shared = {m.name: m for m in evaluation.methods}.get(job.method.trained_as, METHODS[job.method.trained_as])
         return train_method(replace(job, method=shared, folder=job.folder.parent / shared.name), evaluation)
     marker = job.folder / TRAINED_FILE
     definition = json.loads(json.dumps(asdict(job.method)))
