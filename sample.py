@@ -30,7 +30,9 @@ reference inside its Otsu mask (paper Fig. 18).
 
 Each PNG carries its settings as text chunks (``prompt``, ``negative_prompt``, ``seed``,
 ``reference_seed``, ``sampler``, ``steps``, ``scale``, ``eta``, ``references``, ``checkpoint``,
-...) and ``regenerate``: the arguments that make this one image again, alone.
+...), ``regenerate``: the arguments that make this one image again, alone, and ``parameters``:
+the same settings in AUTOMATIC1111's format, which web UIs, ComfyUI and image sites read.
+Pictures are written by :mod:`ldm.pictures`, as the training previews and evaluation sheets are.
 
 Seeds: image ``j`` of a prompt (``j = iteration * n_samples + k``) draws all its noise from its
 own generator seeded with ``--seed + j``, so it does not depend on the other images of its
@@ -61,10 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image, ImageDraw
-from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
 from ldm.cli import HelpFormatter
@@ -91,14 +90,21 @@ from ldm.models.loading import (
     resolve_config,
     size_multiple,
 )
-from ldm.modules.vico import AttentionRecord
+from ldm.pictures import (
+    A1111_SAMPLERS,
+    a1111_parameters,
+    attention_picture,
+    make_grid,
+    save_new_png,
+    save_png,
+    to_uint8,
+)
 from ldm.util import CheckpointError
 
 logger = logging.getLogger("sample")
 
 #: Fractions of the sampling run whose attention maps ``--save_attention`` draws.
 ATTENTION_STEP_FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
-GRID_PADDING = 2
 #: The largest --H/--W accepted, 16 times SD v1's 512 px (--H 400000 used to be killed for
 #: memory while the reference was resized).
 MAX_SIZE = 8192
@@ -472,93 +478,8 @@ def unique_slugs(prompts: Sequence[str]) -> list[str]:
     return slugs
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``[B, 3, H, W]`` in [-1, 1] -> ``uint8 [B, H, W, 3]``."""
-    images = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def make_grid(rows: Sequence[Sequence[np.ndarray | None]], padding: int = GRID_PADDING) -> np.ndarray:
-    """Tile equally sized ``uint8 [H, W, 3]`` cells on white; ``None`` leaves a cell blank."""
-    cell = next(c for row in rows for c in row if c is not None)
-    height, width = cell.shape[:2]
-    columns = max(len(row) for row in rows)
-    grid = np.full(
-        (padding + len(rows) * (height + padding), padding + columns * (width + padding), 3), 255, dtype=np.uint8
-    )
-    for r, row in enumerate(rows):
-        for c, image in enumerate(row):
-            if image is not None:
-                top, left = padding + r * (height + padding), padding + c * (width + padding)
-                grid[top : top + height, left : left + width] = image
-    return grid
-
-
-def hot_colormap(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] -> ``uint8 [..., 3]`` black-red-yellow-white."""
-    rgb = np.stack([values * 3, values * 3 - 1, values * 3 - 2], axis=-1).clip(0, 1)
-    return (rgb * 255).round().astype(np.uint8)
-
-
-def attention_picture(
-    records: Sequence[AttentionRecord], references: np.ndarray, placeholders: Sequence[str | None] | None = None
-) -> np.ndarray:
-    """One row per reference: the reference, then per patched layer its S* map and masked reference.
-
-    With ``placeholders`` (several concepts), row ``k`` is the map of reference ``k``'s own
-    placeholder, whose name is written on its reference.
-    """
-    height, width = references.shape[1:3]
-    records = sorted(records, key=lambda r: r.layer)
-    rows: list[list[np.ndarray]] = [[reference] for reference in references]
-    for record in records:
-        maps = record.placeholder_map.float().reshape(-1, 1, record.height, record.width)
-        low = maps.amin(dim=(2, 3), keepdim=True)
-        span = (maps.amax(dim=(2, 3), keepdim=True) - low).clamp(min=1e-12)
-        maps = F.interpolate((maps - low) / span, size=(height, width), mode="bilinear", align_corners=False)
-        masks = F.interpolate(record.mask.float().reshape(-1, 1, record.height, record.width), size=(height, width))
-        for k, reference in enumerate(references):
-            keep = masks[k, 0].cpu().numpy()[..., None]
-            rows[k].append(hot_colormap(maps[k, 0].cpu().numpy()))
-            rows[k].append((reference * (0.2 + 0.8 * keep)).round().astype(np.uint8))
-    for k, placeholder in enumerate(placeholders or []):
-        if placeholder is not None:
-            labelled = Image.fromarray(rows[k][0])
-            ImageDraw.Draw(labelled).text((2, 2), placeholder, fill="white", stroke_width=1, stroke_fill="black")
-            rows[k][0] = np.asarray(labelled)
-    labels = ["reference"] + [f"L{r.layer} {kind}" for r in records for kind in ("map", "mask")]
-    return _with_header(make_grid(rows), labels, width)
-
-
-def _with_header(grid: np.ndarray, labels: Sequence[str], cell_width: int) -> np.ndarray:
-    band = Image.new("RGB", (grid.shape[1], 14), "white")
-    draw = ImageDraw.Draw(band)
-    for c, label in enumerate(labels):
-        draw.text((GRID_PADDING + c * (cell_width + GRID_PADDING) + 2, 1), label, fill="black")
-    return np.concatenate([np.asarray(band), grid])
-
-
 def attention_steps(num_steps: int) -> list[int]:
     return sorted({round(f * (num_steps - 1)) for f in ATTENTION_STEP_FRACTIONS})
-
-
-def save_png(
-    array: np.ndarray, path: Path, metadata: dict[str, str] | None = None, exclusive: bool = False
-) -> None:
-    """Write ``uint8 [H, W, 3]`` as a PNG with ``metadata`` as text chunks.
-
-    ``exclusive`` refuses (``FileExistsError``) to replace an existing file; a failed write
-    leaves no partial file behind.
-    """
-    info = PngInfo()
-    for key, value in (metadata or {}).items():
-        info.add_text(key, value)
-    with open(path, "xb" if exclusive else "wb") as handle:
-        try:
-            Image.fromarray(array).save(handle, format="PNG", pnginfo=info)
-        except BaseException:
-            Path(path).unlink(missing_ok=True)
-            raise
 
 
 def next_sample_number(folder: Path) -> int:
@@ -579,22 +500,11 @@ def save_new_sample(array: np.ndarray, folder: Path, number: int, metadata: dict
             number += 1
 
 
-def save_new_png(array: np.ndarray, folder: Path, stem: str, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``folder/<stem>.png``, or ``<stem>-2.png``, ``<stem>-3.png``, ... : the first name not taken."""
-    suffix = 1
-    while True:
-        path = folder / (f"{stem}.png" if suffix == 1 else f"{stem}-{suffix}.png")
-        try:
-            save_png(array, path, metadata, exclusive=True)
-            return path
-        except FileExistsError:
-            suffix += 1
-
-
 def image_metadata(
     args: argparse.Namespace, job: Job, prompt: Prompt, seed: int, reference_seed: int | None, eta: float
 ) -> dict[str, str]:
-    """The PNG text chunks of one sample: its settings and the arguments that make it again alone."""
+    """The PNG text chunks of one sample: its settings, the arguments that make it again alone,
+    and the same settings as AUTOMATIC1111's ``parameters`` (:func:`a1111_settings`)."""
     metadata = {
         "prompt": prompt.text,
         "negative_prompt": prompt.negative,
@@ -627,7 +537,26 @@ def image_metadata(
             metadata[flag] = value
             regenerate += [f"--{flag}", value]
     metadata["regenerate"] = shlex.join(regenerate)
+    metadata["parameters"] = a1111_parameters(prompt.text, prompt.negative, a1111_settings(args, job, seed, eta))
     return metadata
+
+
+def a1111_settings(args: argparse.Namespace, job: Job, seed: int, eta: float) -> dict[str, object]:
+    """A sample's settings under AUTOMATIC1111's keys; ``Model`` is the base checkpoint's name, and
+    the ViCo weights and reference photos, which the web UI has no field for, come last."""
+    sampler = A1111_SAMPLERS[job.sampler] + (" Karras" if args.spacing == "karras" else "")
+    base = args.base_ckpt or OmegaConf.select(job.config, "model.params.ckpt_path")
+    settings: dict[str, object] = {
+        "Steps": args.ddim_steps, "Sampler": sampler, "CFG scale": args.scale, "Seed": seed,
+        "Size": f"{job.width}x{job.height}",
+    }  # fmt: skip
+    if base:
+        settings["Model"] = Path(base).stem
+    if job.sampler in ("ddim", "euler_a"):
+        settings["Eta"] = eta
+    settings["ViCo weights"] = " + ".join(Path(ckpt).name for ckpt in args.ckpt)
+    settings["ViCo reference"] = " + ".join(args.ref)
+    return settings
 
 
 # ------------------------------------------------------------------ sampling

@@ -9,13 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
-from torchvision.utils import make_grid, save_image
 
 from ldm.config_schema import ConfigError
 from ldm.models.diffusion.ddim import DDIMSampler
@@ -30,6 +30,7 @@ from ldm.models.export import (
     run_name,
 )
 from ldm.models.loading import save_adapter
+from ldm.pictures import make_grid, save_png, to_uint8
 from ldm.trust import confined_checkpoint_path
 from ldm.util import read_checkpoint, write_atomically
 
@@ -324,9 +325,11 @@ class ImageLogger(pl.Callback):
 
     The same prompts, noise and reference (the first training photo, unflipped) at every
     preview make the images comparable across steps. Writes
-    ``<logdir>/images/train/step-XXXXXX.png``, one row per prompt: the reference, then
-    ``max_images`` guided DDIM samples; the prompts go to the ``.txt`` beside it. The grid also
-    goes to every logger that takes images (TensorBoard, Weights & Biases).
+    ``<logdir>/images/train/step-XXXXXX.png`` (:mod:`ldm.pictures`, as ``sample.py``'s grids),
+    one row per prompt: the reference photo as it was read (not its autoencoder round trip,
+    which on a small autoencoder is a smudge), then ``max_images`` guided DDIM samples; the
+    prompts go to the ``.txt`` beside it. The grid also goes to every logger that takes images
+    (TensorBoard, Weights & Biases).
 
     Args:
         logdir: run folder.
@@ -367,18 +370,16 @@ class ImageLogger(pl.Callback):
         prompts = self.prompts or [f"a photo of {placeholder}" for placeholder in concepts]
         with torch.no_grad(), _eval_mode(pl_module):
             rows = [self.sample(pl_module, prompt, concepts, dataset) for prompt in prompts]
-        grid = make_grid((torch.cat(rows).float().clamp(-1, 1) + 1) / 2, nrow=self.max_images + 1)
+        grid = make_grid(rows)
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:06d}.png"
-        save_image(grid, path)
+        save_png(grid, path)
         path.with_suffix(".txt").write_text("\n".join(prompts) + "\n")
-        log_grid(trainer, grid, step, " | ".join(prompts))
+        log_grid(trainer, torch.from_numpy(grid).permute(2, 0, 1).float() / 255, step, " | ".join(prompts))
         logger.info("logged samples of %s to %s", prompts, path)
 
-    def sample(
-        self, model: pl.LightningModule, prompt: str, concepts: Sequence[str] = (), dataset: Any = None
-    ) -> torch.Tensor:
-        """The reference (as the VAE sees it) followed by guided samples of ``prompt``.
+    def sample(self, model: pl.LightningModule, prompt: str, concepts: Sequence[str], dataset: Any) -> list[np.ndarray]:
+        """One row of the preview: the reference photo(s), then guided samples of ``prompt``.
 
         With several concepts the references are the first photo of each concept the prompt
         names, each masked by its own placeholder's map (one concept: its first photo).
@@ -405,7 +406,7 @@ class ImageLogger(pl.Callback):
             generator=generator,
             reference_placeholders=placeholders,
         )
-        return torch.cat([model.decode_first_stage(reference_latent), samples])
+        return [*(dataset.images[i] for i in first_photos), *to_uint8(samples)]
 
 
 def placeholder_string(model: pl.LightningModule) -> str:

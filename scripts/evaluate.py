@@ -56,7 +56,6 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,15 +95,8 @@ from ldm.models.loading import (  # noqa: E402
     resolve_config,
 )
 from ldm.util import CheckpointError  # noqa: E402
-from sample import (  # noqa: E402
-    OneLineErrorParser,
-    UsageError,
-    check_outdir,
-    make_grid,
-    parse_device,
-    save_png,
-    to_uint8,
-)
+from ldm.pictures import make_grid, save_png, text_cell, to_uint8  # noqa: E402
+from sample import OneLineErrorParser, UsageError, check_outdir, parse_device  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -410,28 +402,6 @@ def generate_concept(job: ConceptJob, device: torch.device, progress: tqdm) -> N
 
 
 # -------------------------------------------------------------- contact sheet
-def wrap_text(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """Greedy word wrap to ``width`` pixels (a word longer than a line gets a line of its own)."""
-    lines: list[str] = []
-    for word in text.split():
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines
-
-
-def text_cell(text: str, height: int, width: int) -> np.ndarray:
-    """``text`` in black on a white ``uint8 [height, width, 3]`` cell, PIL's default font scaled to the cell."""
-    font = ImageFont.load_default(size=max(10, height // 14))
-    margin = max(2, width // 32)
-    cell = Image.new("RGB", (width, height), "white")
-    ImageDraw.Draw(cell).multiline_text(
-        (margin, margin), "\n".join(wrap_text(text, font, width - 2 * margin)), fill="black", font=font
-    )
-    return np.asarray(cell)
-
-
 def contact_sheet(job: ConceptJob) -> np.ndarray:
     """The first row: the reference, then the first real photos; then one row per prompt: its text, then its samples."""
     scale = min(1.0, SHEET_CELL / max(job.settings.height, job.settings.width))

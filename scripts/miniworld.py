@@ -57,6 +57,7 @@ from ldm.config_bounds import BoundsError, check_bounds  # noqa: E402
 from ldm.config_schema import unknown_key  # noqa: E402
 from ldm.models.loading import autoencoder_factor  # noqa: E402
 from ldm.modules.embedding_manager import check_init_word  # noqa: E402
+from ldm.pictures import make_grid, save_png, to_uint8  # noqa: E402
 from ldm.util import CheckpointError, checkpoint_format, instantiate_from_config  # noqa: E402
 
 logger = logging.getLogger("miniworld")
@@ -579,8 +580,6 @@ def add_probe_parser(commands) -> None:
 
 def probe_command(args: argparse.Namespace) -> None:
     """``probe``: the single-part and composite prompt table of :mod:`ldm.evaluation.miniworld_probe`."""
-    from torchvision.utils import save_image
-
     from ldm.evaluation.miniworld import load_classifier
     from ldm.evaluation.miniworld_probe import probe
 
@@ -602,7 +601,7 @@ def probe_command(args: argparse.Namespace) -> None:
     print(result.markdown())
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
-        save_image((torch.cat(result.samples) + 1) / 2, args.grid, nrow=args.n_samples, padding=1)
+        save_png(make_grid([list(to_uint8(row)) for row in result.samples]), Path(args.grid))
         logger.info("samples: %s", args.grid)
 
 

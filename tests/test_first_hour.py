@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -29,6 +30,7 @@ from ldm.models.base_checkpoint import is_base_key
 from ldm.models.diffusion.sampling import make_ddim_timesteps
 from ldm.models import loading
 from ldm.models.loading import load_vico_model
+from ldm.pictures import a1111_parameters
 from ldm.util import CheckpointError
 from scripts import evaluate_miniworld
 from scripts import export as export_cli
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "data" / "miniworld" / "sunset_ring" / "00.png"
 TINY = ROOT / "configs" / "vico-tiny.yaml"
 BASELINES = ROOT / "configs" / "baselines"
+MONSTER = ROOT / "data" / "monster_toy"
 
 
 def _imported_modules(path: Path) -> set[str]:
@@ -379,3 +382,43 @@ def test_export_writes_each_methods_own_formats(tmp_path):
         outdir = tmp_path / f"{name}-out"
         assert export_cli.main(["--run", str(runs[name]), "--outdir", str(outdir)]) == 0
         assert sorted(p.name for p in outdir.iterdir()) == expected
+
+
+# ------------------------------------------------------------------ item 6
+def test_samples_carry_automatic1111_parameters(tiny_run, tmp_path):
+    """Before: per-key text chunks only. After: also the ``parameters`` chunk web UIs, ComfyUI and
+    image sites read: prompt, negative prompt, then "Key: value" pairs."""
+    argv = [
+        "--ckpt", str(tiny_run.folder / "checkpoints" / "adapter.safetensors"), "--ref", str(MONSTER / "00.jpg"),
+        "--prompt", "a photo of * on the beach", "--negative_prompt", "blurry, dark", "--n_samples", "1",
+        "--ddim_steps", "2", "--sampler", "dpmpp_2m", "--spacing", "karras", "--outdir", str(tmp_path),
+    ]  # fmt: skip
+    assert sample.main(argv) == 0
+    with Image.open(tmp_path / "samples" / "00000.png") as image:
+        parameters = image.text["parameters"]
+    prompt, negative, settings = parameters.split("\n")
+    assert prompt == "a photo of * on the beach" and negative == "Negative prompt: blurry, dark"
+    expected = "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 64x64, Model: random-base,"
+    assert settings.startswith(expected), settings
+    assert settings.endswith(f"ViCo weights: adapter.safetensors, ViCo reference: {MONSTER / '00.jpg'}")
+    # a value with a comma or colon is quoted, as the web UI writes it and its parser reads it back
+    assert a1111_parameters("p", "", {"Model": "a, b", "Seed": 1}) == 'p\nModel: "a, b", Seed: 1'
+
+
+# ------------------------------------------------------------------ item 7
+def test_the_previews_first_tile_is_the_photo(tiny_run):
+    """Before: the autoencoder's round trip of the reference (a smudge on a small autoencoder),
+    on torchvision's black padding. After: the photo itself, on sample.py's white grid."""
+    with Image.open(tiny_run.folder / "images" / "train" / "step-000002.png") as preview:
+        grid = np.asarray(preview)
+    photo = PersonalizedBase(str(MONSTER), size=64).images[0]
+    assert np.array_equal(grid[2:66, 2:66], photo) and (grid[:2] == 255).all()
+
+
+def test_one_module_writes_every_picture():
+    """sample.py, the previews and the evaluation sheets write through ldm/pictures.py; none of
+    them tiles or writes PNGs with its own code."""
+    for path in ("sample.py", "ldm/callbacks.py", "scripts/evaluate.py", "scripts/miniworld.py"):
+        modules = _imported_modules(ROOT / path)
+        assert "ldm.pictures" in modules, path
+        assert "torchvision.utils" not in modules and "PIL.PngImagePlugin" not in modules, path

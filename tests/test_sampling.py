@@ -579,7 +579,7 @@ def test_png_metadata_keeps_paths_as_typed():
     args = sample.build_parser().parse_args(
         ["--ckpt", "logs/run/checkpoints/last.ckpt", "--ref", "photos/00.jpg", "--ref", "/abs/01.jpg", "--prompt", PROMPT]
     )
-    job = SimpleNamespace(sampler="ddim", width=64, height=64)
+    job = SimpleNamespace(sampler="ddim", width=64, height=64, config=OmegaConf.create({}))
     text = sample.image_metadata(args, job, sample.Prompt(PROMPT), seed=3, reference_seed=3, eta=0.0)
     assert json.loads(text["checkpoint"]) == ["logs/run/checkpoints/last.ckpt"]
     assert json.loads(text["references"]) == ["photos/00.jpg", "/abs/01.jpg"]
