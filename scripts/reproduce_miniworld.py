@@ -346,12 +346,83 @@ def property_editing(plan: Plan, classifier) -> dict[str, Any]:
     return results
 
 
+def reference_contribution(plan: Plan) -> dict[str, Any]:
+    """How much of ViCo's picture comes from the reference: the mean absolute pixel difference
+    (0-255) between ViCo's samples and the same model's samples without the reference stream
+    (the ``no-reference`` row: same noise), beside the difference to Textual Inversion's (same
+    noise, another model); and the image-attention branch's share of the hidden state in each
+    patched layer, ``|block(h) - h| / |h|``, over a sampling run."""
+    seed = plan.seeds[0]
+    results: dict[str, Any] = {}
+    for concept in plan.concepts:
+        vico = job_of(plan, seed, concept, "vico")
+        entry: dict[str, Any] = {}
+        for other in ("no-reference", "textual-inversion"):
+            job = job_of(plan, seed, concept, other)
+            pairs = [(vico.sample_path(scene, i), job.sample_path(scene, i)) for scene in vico.scenes for i in range(vico.n_samples)]
+            pairs = [(a, b) for a, b in pairs if a.is_file() and b.is_file()]
+            if pairs:
+                entry[f"pixel_difference_to_{other}"] = float(np.mean(
+                    [np.abs(load_image(a).astype(np.float32) - load_image(b).astype(np.float32)).mean() for a, b in pairs]))  # fmt: skip
+        checkpoint = trained_checkpoint(vico)
+        if checkpoint is not None:
+            entry["branch_share"] = branch_share(plan, vico, checkpoint)
+        results[concept] = entry
+    return results
+
+
+def branch_share(plan: Plan, job: ev.MethodJob, checkpoint: Path) -> dict[str, dict[int, float]]:
+    """Per patched layer, means over a sampling run of how much the image-attention block
+    changes the noisy stream's hidden state ``h``: the whole block (a transformer block: self-
+    attention, attention to the reference tokens, feed-forward), ``|block(h) - h| / |h|``, and its
+    attention to the reference alone, ``|attn2(norm(h), reference)| / |h|``."""
+    model = ev.load_method_model(job, evaluation_for(plan, plan.seeds[0], ["vico"]), checkpoint)
+    reference = load_image(job.reference, (IMAGE_SIZE, IMAGE_SIZE))
+    latents = encode_references(model, to_tensor(np.stack([reference])).to(model.device))
+    block_share: dict[int, list[float]] = {}
+    reference_share: dict[int, list[float]] = {}
+    hidden_norm: dict[int, torch.Tensor] = {}
+    handles = []
+    for module in model.model.diffusion_model.modules():
+        block = getattr(module, "image_cross_attention", None)
+        if block is None:
+            continue
+        layer = module.layer_index
+
+        def block_hook(block, args, kwargs, output, layer=layer):
+            hidden = args[0].float()
+            block_share.setdefault(layer, []).append(float((output.float() - hidden).norm() / hidden.norm()))
+
+        def keep_norm(block, args, kwargs, layer=layer):
+            hidden_norm[layer] = args[0].float().norm()
+
+        def attention_hook(attention, args, kwargs, output, layer=layer):
+            reference_share.setdefault(layer, []).append(float(output.float().norm() / hidden_norm[layer]))
+
+        handles += [block.register_forward_pre_hook(keep_norm, with_kwargs=True),
+                    block.register_forward_hook(block_hook, with_kwargs=True),
+                    block.attn2.register_forward_hook(attention_hook, with_kwargs=True)]  # fmt: skip
+    try:
+        scene = job.scenes[0]
+        sample_prompt(model, DDIMSampler(model), job.prompt(scene), latents, n_samples=job.n_samples,
+                      latent_shape=(model.channels, model.image_size, model.image_size), steps=plan.settings["ddim_steps"],
+                      scale=plan.settings["scale"], generator=torch.Generator().manual_seed(ev.scene_seed(plan.seeds[0], job.concept.name, scene)))  # fmt: skip
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {
+        "block": {layer: float(np.mean(v)) for layer, v in sorted(block_share.items())},
+        "reference_attention": {layer: float(np.mean(v)) for layer, v in sorted(reference_share.items())},
+    }
+
+
 def run_analyses(plan: Plan, classifier) -> None:
     folder = plan.outdir / "analyses"
     folder.mkdir(parents=True, exist_ok=True)
     for name, function in (("mask-over-training", lambda: mask_over_training(plan)),
                            ("generated-attention", lambda: generated_attention(plan)),
-                           ("property-editing", lambda: property_editing(plan, classifier))):  # fmt: skip
+                           ("property-editing", lambda: property_editing(plan, classifier)),
+                           ("reference-contribution", lambda: reference_contribution(plan))):  # fmt: skip
         path = folder / f"{name}.json"
         if path.is_file():
             continue
@@ -591,6 +662,27 @@ def analyses_section(plan: Plan) -> list[str]:
                   "same scenes is the first column.", "",
                   *table(["concept", "proxy on renders", *(label(m) for m in ATTENTION_METHODS)],
                          [[c, number(r["proxy_iou_on_renders"]), *(number(r.get(m, {}).get("iou_mean_map")) for m in ATTENTION_METHODS)]
+                          for c, r in results.items()]),
+                  ""]  # fmt: skip
+    path = folder / "reference-contribution.json"
+    if path.is_file():
+        results = json.loads(path.read_text())
+        layers = sorted({int(k) for r in results.values() for k in r.get("branch_share", {}).get("block", {})})
+
+        def share(result: Mapping[str, Any], kind: str, layer: int) -> str:
+            return number(result.get("branch_share", {}).get(kind, {}).get(str(layer)))
+
+        lines += ["### How much of ViCo's picture comes from the reference", "",
+                  "Mean absolute pixel difference (0-255) between ViCo's samples and, at the same noise, the same "
+                  "model sampled without its reference (S* alone) or Textual Inversion's. Then, per patched layer, "
+                  "over one sampling run, how much the image-attention block changes the noisy stream's hidden "
+                  "state h: the whole block (it is a transformer block: self-attention, attention to the reference, "
+                  "feed-forward, as in the authors' code), |block(h) - h| / |h|, and its attention to the reference "
+                  "alone, |attn(norm(h), reference)| / |h|.", "",
+                  *table(["concept", "vs S* alone", "vs Textual Inversion",
+                          *(f"block, layer {layer}" for layer in layers), *(f"reference attention, layer {layer}" for layer in layers)],
+                         [[c, number(r.get("pixel_difference_to_no-reference"), 1), number(r.get("pixel_difference_to_textual-inversion"), 1),
+                           *(share(r, "block", layer) for layer in layers), *(share(r, "reference_attention", layer) for layer in layers)]
                           for c, r in results.items()]),
                   ""]  # fmt: skip
     path = folder / "property-editing.json"

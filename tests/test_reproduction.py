@@ -103,7 +103,7 @@ def test_quick_run_makes_every_stage_and_the_report(tmp_path, shipped_miniworld_
     assert rp.main(["--quick", "--outdir", str(out), "--report", str(report), "--device", "cpu"]) == 0
     text = report.read_text()
     for heading in ("## Table 2 in miniature", "## Ablations", "### The S* mask over the course of training",
-                    "### S* attention on the generated image", "### Property editing", "## Table 3 in miniature", "## Pictures"):
+                    "### S* attention on the generated image", "### Property editing", "### How much of ViCo's picture comes from the reference", "## Table 3 in miniature", "## Pictures"):
         assert heading in text, heading
     for name in rp.QUICK_MAIN:
         assert (out / "seed23" / rp.QUICK_CONCEPT / name / "scores.json").is_file(), name
