@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import fcntl
 import hashlib
 import json
 import logging
@@ -511,10 +512,22 @@ def run_training(job: MethodJob, evaluation: Evaluation) -> Path:
 
 
 def train_method(job: MethodJob, evaluation: Evaluation) -> Path:
-    """Train (or finish training) ``job``'s method on the concept once; its last checkpoint."""
+    """Train (or finish training) ``job``'s method on the concept once; its last checkpoint.
+
+    Several evaluations may run into one folder at once (rows that share a training, seeds or
+    ablations in parallel processes): the first to reach a (concept, method) trains it under an
+    exclusive lock, the others wait for it and use its result.
+    """
     if job.method.trained_as is not None:
         shared = {m.name: m for m in evaluation.methods}.get(job.method.trained_as, METHODS[job.method.trained_as])
         return train_method(replace(job, method=shared, folder=job.folder.parent / shared.name), evaluation)
+    job.folder.mkdir(parents=True, exist_ok=True)
+    with open(job.folder / ".training.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_method_locked(job, evaluation)
+
+
+def _train_method_locked(job: MethodJob, evaluation: Evaluation) -> Path:
     marker = job.folder / TRAINED_FILE
     definition = json.loads(json.dumps(asdict(job.method)))
     if marker.is_file():
