@@ -584,14 +584,15 @@ def label(name: str) -> str:
 def main_section(plan: Plan, rows: Mapping) -> list[str]:
     seeds, concepts = plan.seeds, plan.concepts
     lines = ["## Table 2 in miniature: the baselines at their own recipes", ""]
-    header = ["method", "training steps", *(METRIC_LABELS[m] for m in REPORT_METRICS)]
+    header = ["method", "training steps", *(METRIC_LABELS[m] for m in REPORT_METRICS), "paper: I_DINO / I_CLIP / T_CLIP"]
     body = []
     for name in MAIN_METHODS:
         values = {m: [v for s in seeds for c in concepts if (s, c, name) in rows
                       for v in [metric_value(rows[s, c, name], m)] if v is not None] for m in REPORT_METRICS}  # fmt: skip
         if not values["feature_similarity"]:
             continue
-        body.append([label(name), trained_steps(plan, name), *(with_se(values[m]) for m in REPORT_METRICS)])
+        paper = " / ".join(f"{v:.3f}" for v in PAPER_TABLE2[name]) if name in PAPER_TABLE2 else ""
+        body.append([label(name), trained_steps(plan, name), *(with_se(values[m]) for m in REPORT_METRICS), paper])
     pairs = len(seeds) * len(concepts)
     lines += [
         f"Mean over {len(concepts)} concepts x {len(seeds)} seeds ({pairs} (concept, seed) cells), ± the standard "
@@ -618,7 +619,85 @@ def main_section(plan: Plan, rows: Mapping) -> list[str]:
             cells.append(f"{difference_cell(comparison)} {verdict(comparison)}")
         compare_rows.append([label(name), *cells])
     lines += table(["ViCo vs", "feature sim.", "attribute accuracy", "prompt fidelity", "object fidelity"], compare_rows)
+    heads = ("shape", "colour_0", "pattern_0", "colour_1", "pattern_1", "notch")
+    detail = []
+    for name in MAIN_METHODS:
+        cells = [with_se([rows[s, c, name][h] for s in seeds for c in concepts if (s, c, name) in rows and h in rows[s, c, name]]) for h in heads]
+        if any(cells):
+            detail.append([label(name), *cells])
+    lines += ["", "The details: accuracy of each attribute of the concept's object (what attribute accuracy averages).", "",
+              *table(["method", "shape", "colour 1", "pattern 1", "colour 2", "pattern 2", "notch"], detail)]  # fmt: skip
     return lines + [""]
+
+
+#: The paper's Table 2 (I_DINO, I_CLIP, T_CLIP) and Table 3 (training s, inference s) rows.
+PAPER_TABLE2 = {
+    "dreambooth": (0.628, 0.804, 0.236), "custom-diffusion": (0.570, 0.768, 0.249),
+    "textual-inversion-recipe": (0.520, 0.768, 0.216), "vico": (0.631, 0.809, 0.229),
+}  # fmt: skip
+PAPER_TABLE3 = {"dreambooth": (1411, 11.2), "custom-diffusion": (682, 8.4), "textual-inversion-recipe": (735, 9.8), "vico": (353, 15.4)}
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the paper as a paired comparison: ``b`` beats ``a`` on ``metric`` (``sign`` -1: loses)."""
+
+    text: str
+    source: str
+    a: str
+    b: str
+    metric: str
+    sign: int = 1
+    seeds: str = "all"
+
+
+CLAIMS = (
+    Claim("ViCo keeps the object better than Textual Inversion", "Table 2 (I_DINO 0.631 vs 0.520)", "textual-inversion-recipe", "vico", "feature_similarity"),
+    Claim("... also than Textual Inversion held to ViCo's budget", "Table 2", "textual-inversion", "vico", "feature_similarity"),
+    Claim("ViCo keeps the object's attributes better than Textual Inversion", "Table 2, Fig. 4", "textual-inversion-recipe", "vico", "attribute_accuracy"),
+    Claim("ViCo keeps the object at least as well as DreamBooth", "Table 2 (0.631 vs 0.628)", "dreambooth", "vico", "feature_similarity"),
+    Claim("ViCo keeps the object better than Custom Diffusion", "Table 2 (0.631 vs 0.570)", "custom-diffusion", "vico", "feature_similarity"),
+    Claim("ViCo follows the prompt better than Textual Inversion", "Table 2 (T_CLIP 0.229 vs 0.216)", "textual-inversion-recipe", "vico", "prompt_fidelity"),
+    Claim("DreamBooth follows the prompt better than ViCo", "Table 2 (0.236 vs 0.229)", "vico", "dreambooth", "prompt_fidelity"),
+    Claim("Custom Diffusion follows the prompt better than ViCo", "Table 2 (0.249 vs 0.229)", "vico", "custom-diffusion", "prompt_fidelity"),
+    Claim("The image attention at the paper's 1e-5 is enough (no gain from 1e-4)", "Appendix A", "vico-lr1e-5", "vico", "feature_similarity", -1),
+    Claim("The mask helps", "Table 4 (1) vs (2)", "no-mask", "vico", "feature_similarity", seeds="first"),
+    Claim("The regulariser sharpens the S* mask", "Figs. 5(c), 20", "no-regularizer", "vico", "mask_iou", seeds="first"),
+    Claim("Image attention in the decoder beats the encoder", "Fig. 8", "encoder-layers", "vico", "feature_similarity", seeds="first"),
+    Claim("The true object mask does no better than the Otsu mask", "Fig. 9", "true-mask", "vico", "feature_similarity", -1, seeds="first"),
+    Claim("A generic init word ('object') costs ViCo little", "Fig. 6", "vico", "init-object", "feature_similarity", -1, seeds="first"),
+    Claim("The reference adds to what S* alone draws", "Sec. 3.2", "no-reference", "vico", "feature_similarity", seeds="first"),
+    Claim("An unseen reference photo does as well as a seen one", "Appendix C", "vico", "reference-unseen", "feature_similarity", -1, seeds="first"),
+    Claim("300 steps keep more of the prompt than 400", "Appendix D", "vico", "steps-300", "prompt_fidelity", seeds="first"),
+)
+
+
+def claim_verdict(claim: Claim, comparison: Comparison | None) -> str:
+    """'holds' / 'contradicted' beyond two standard errors, else 'within noise'. A claim of no
+    difference (sign -1 on "does as well"/"is enough" rows) holds when b is not behind beyond noise."""
+    if comparison is None or comparison.se is None:
+        return "not measured"
+    difference, margin = comparison.mean_difference, 2 * comparison.se
+    if claim.sign < 0:  # a claim that b is no worse than a
+        return "holds" if difference > -margin else "contradicted"
+    if difference > margin:
+        return "holds"
+    return "contradicted" if difference < -margin else "within noise"
+
+
+def claims_section(plan: Plan, rows: Mapping) -> list[str]:
+    lines = ["## The paper's claims, in miniature", "",
+             "Each claim as a paired comparison (same concepts, seeds and starting noise): the mean difference "
+             "(second row - first row) ± its standard error; 'holds' or 'contradicted' beyond two standard errors, "
+             "else 'within noise'. A claim of no difference ('is enough', 'does as well', 'costs little') holds "
+             "unless the second row is behind beyond two standard errors.", ""]  # fmt: skip
+    body = []
+    for claim in CLAIMS:
+        seeds = plan.seeds if claim.seeds == "all" else plan.seeds[:1]
+        comparison = compare(pairs_of(rows, seeds, plan.concepts, claim.a, claim.b), claim.metric) if pairs_of(rows, seeds, plan.concepts, claim.a, claim.b) else None
+        body.append([claim.text, claim.source, f"{label(claim.b)} - {label(claim.a)}", METRIC_LABELS[claim.metric],
+                     difference_cell(comparison), claim_verdict(claim, comparison)])  # fmt: skip
+    return lines + table(["claim", "paper", "comparison", "metric", "difference ± se (ahead/level/behind)", "verdict"], body) + [""]
 
 
 def ablation_section(plan: Plan, rows: Mapping) -> list[str]:
@@ -717,15 +796,18 @@ def table3_section(plan: Plan) -> list[str]:
         total = c["median_step_seconds"] * c["recipe_steps"]
         ratio = total / (vico["median_step_seconds"] * vico["recipe_steps"]) if vico else float("nan")
         sample = costs.get(f"{name}_sample_seconds")
+        paper = PAPER_TABLE3.get(name)
+        paper_cell = f"{paper[0]} s ({paper[0] / PAPER_TABLE3['vico'][0]:.2f}x) / {paper[1]} s" if paper else ""
         body.append([label(name), f"{c['trainable']:,}", number(c["median_step_seconds"]), str(c["recipe_steps"]),
-                     f"{total:.0f}", number(ratio, 2), number(sample), f"{c['peak_rss_mb']:.0f}"])  # fmt: skip
+                     f"{total:.0f}", number(ratio, 2), number(sample), f"{c['peak_rss_mb']:.0f}", paper_cell])  # fmt: skip
     return ["## Table 3 in miniature: cost", "",
             f"Measured side by side on one machine ({costs['machine']}), one after another on one concept: "
             "trainable parameters; median seconds of compute per training step (first step excluded); the recipe's "
             "steps and their product (seconds of training, its ratio to ViCo's); seconds per sample (DDIM as the "
             "evaluation, 4 samples per batch); peak resident memory of the training process. DreamBooth's class "
             "images are not counted (as in the paper).", "",
-            *table(["method", "trainable parameters", "s / step", "steps", "training s", "x ViCo", "s / sample", "peak MB"], body), ""]  # fmt: skip
+            *table(["method", "trainable parameters", "s / step", "steps", "training s", "x ViCo", "s / sample", "peak MB",
+                    "paper: training (x ViCo) / inference, 4 RTX 3090"], body), ""]  # fmt: skip
 
 
 def concept_sheets(plan: Plan) -> list[str]:
@@ -769,6 +851,7 @@ def write_report(plan: Plan) -> None:
         f"guidance {settings['scale']}. Metrics: docs/EVALUATION.md, 'The miniature world'. Every row trains with "
         "main.py from the same base, photos and seed; its steps are in the table.",
         "",
+        *claims_section(plan, rows),
         *main_section(plan, rows),
         *ablation_section(plan, rows),
         *analyses_section(plan),

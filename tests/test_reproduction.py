@@ -45,6 +45,22 @@ def test_verdict_is_two_standard_errors_of_the_paired_difference(b, expected):
     assert rp.verdict(compare(pairs[:1], "feature_similarity")) == "not measured"
 
 
+def test_claim_verdicts_on_hand_made_differences():
+    def comparison(differences):
+        pairs = [({"prompt_fidelity": 0.5}, {"prompt_fidelity": 0.5 + d}) for d in differences]
+        return compare(pairs, "prompt_fidelity")
+
+    better = rp.Claim("b beats a", "", "a", "b", "prompt_fidelity")
+    no_worse = rp.Claim("b does as well as a", "", "a", "b", "prompt_fidelity", sign=-1)
+    assert rp.claim_verdict(better, comparison([0.1, 0.12, 0.09])) == "holds"
+    assert rp.claim_verdict(better, comparison([-0.1, -0.12, -0.09])) == "contradicted"
+    assert rp.claim_verdict(better, comparison([0.1, -0.1, 0.05])) == "within noise"
+    assert rp.claim_verdict(no_worse, comparison([0.1, -0.1, 0.05])) == "holds"
+    assert rp.claim_verdict(no_worse, comparison([-0.1, -0.12, -0.09])) == "contradicted"
+    assert rp.claim_verdict(better, None) == "not measured"
+    assert all(claim.a in rp.ev.METHODS and claim.b in rp.ev.METHODS for claim in rp.CLAIMS)
+
+
 # ------------------------------------------------------------------ attention on the generated image
 def test_recorder_reads_the_conditional_rows_attention_to_the_token():
     """The hook's map equals the attention probabilities the layer itself computes, for the
@@ -102,7 +118,7 @@ def test_quick_run_makes_every_stage_and_the_report(tmp_path, shipped_miniworld_
     report = tmp_path / "REPRODUCTION.md"
     assert rp.main(["--quick", "--outdir", str(out), "--report", str(report), "--device", "cpu"]) == 0
     text = report.read_text()
-    for heading in ("## Table 2 in miniature", "## Ablations", "### The S* mask over the course of training",
+    for heading in ("## The paper's claims, in miniature", "## Table 2 in miniature", "## Ablations", "### The S* mask over the course of training",
                     "### S* attention on the generated image", "### Property editing", "### How much of ViCo's picture comes from the reference", "## Table 3 in miniature", "## Pictures"):
         assert heading in text, heading
     for name in rp.QUICK_MAIN:
