@@ -16,8 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-#: Declared without an import: Lightning's TensorBoardLogger (the default logger) needs it.
-NOT_IMPORTED = {"tensorboard"}
+#: Declared without an import: the default logger's backend, and torchvision, which timm needs and
+#: requirements.txt pins beside torch so that their builds match.
+NOT_IMPORTED = {"tensorboard", "torchvision"}
 LOCAL = {"ldm", "main", "sample", "scripts", "tests"}
 
 
