@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+# Where the demo writes, and extra arguments (tests/test_readme_commands.py runs the demo at tiny size with them).
+LOGDIR ?= logs
+DEMO_OUT ?= outputs/demo
+DEMO_TRAIN_ARGS ?=
+DEMO_SAMPLE_ARGS ?=
 
 .PHONY: demo demo-sd test install clean-demo
 
@@ -15,14 +20,14 @@ $(STAMP): requirements.txt
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: $(STAMP)
-	$(PY) main.py --base configs/miniworld/base.yaml configs/miniworld/vico.yaml -t -n demo --logdir logs \
-		--data_root data/miniworld/sunset_ring --init_word ring
-	$(PY) sample.py --ckpt "$$(ls -td logs/*_demo | head -n 1)/checkpoints/last.ckpt" \
+	$(PY) main.py --base configs/miniworld/base.yaml configs/miniworld/vico.yaml -t -n demo --logdir $(LOGDIR) \
+		--data_root data/miniworld/sunset_ring --init_word ring $(DEMO_TRAIN_ARGS)
+	$(PY) sample.py --ckpt "$$(ls -td $(LOGDIR)/*_demo | head -n 1)/checkpoints/last.ckpt" \
 		--ref data/miniworld/sunset_ring/00.png --from_file configs/miniworld/demo-prompts.txt \
-		--n_samples 4 --n_iter 1 --ddim_steps 50 --scale 7.5 --save_attention --outdir outputs/demo
-	$(PY) scripts/score_miniworld.py outputs/demo --concept data/miniworld/sunset_ring \
-		--ckpt "$$(ls -td logs/*_demo | head -n 1)/checkpoints/last.ckpt"
-	@echo "demo: grids, attention pictures and metrics.md in outputs/demo"
+		--n_samples 4 --n_iter 1 --ddim_steps 50 --scale 7.5 --save_attention --outdir $(DEMO_OUT) $(DEMO_SAMPLE_ARGS)
+	$(PY) scripts/score_miniworld.py $(DEMO_OUT) --concept data/miniworld/sunset_ring \
+		--ckpt "$$(ls -td $(LOGDIR)/*_demo | head -n 1)/checkpoints/last.ckpt"
+	@echo "demo: grids, attention pictures and metrics.md in $(DEMO_OUT)"
 
 demo-sd: $(STAMP)
 	$(PY) main.py --base configs/vico-tiny.yaml -t -n demo-sd --logdir logs
@@ -35,4 +40,4 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 clean-demo:
-	rm -rf logs/*_demo logs/*_demo-sd outputs/demo outputs/demo-sd
+	rm -rf $(LOGDIR)/*_demo $(LOGDIR)/*_demo-sd $(DEMO_OUT) outputs/demo-sd

@@ -7,9 +7,11 @@
 Dotted config overrides (``data.params.batch_size=4``) may stand anywhere among the flags.
 Each run writes ``logs/<time>_<name>/`` with the merged config (``configs/``), the resumable
 state (``checkpoints/last.ckpt``), small exports of the trained weights at every save
-(``checkpoints/cross_attention-N.pt`` and the other formats of ``ldm.models.export``; the
-latest also as ``checkpoints/adapter.safetensors``), previews (``images/``), TensorBoard logs
-(``tensorboard/``) and CSV metrics (``metrics/``).
+(``checkpoints/cross_attention-N.pt`` and the other formats of ``ldm.models.export``, kept for
+the last saves; the latest also as ``checkpoints/adapter.safetensors``), previews
+(``images/``), TensorBoard logs (``tensorboard/``) and CSV metrics (``metrics/``). On one GPU,
+``data.params.batch_size=4`` trains at the paper's batch; a line at start-up says the effective
+batch and what trains at which rate.
 """
 from __future__ import annotations
 

@@ -10,7 +10,10 @@ import ast
 import contextlib
 import io
 import logging
+import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -422,3 +425,55 @@ def test_one_module_writes_every_picture():
         modules = _imported_modules(ROOT / path)
         assert "ldm.pictures" in modules, path
         assert "torchvision.utils" not in modules and "PIL.PngImagePlugin" not in modules, path
+
+
+def test_api_export_numbers_files_by_the_steps_trained(shipped_miniworld_models, miniature_run, tmp_path):
+    """Before: api.export named files -0 whatever the model trained (step=0 by default). After:
+    the step the file records, and the Textual Inversion file after the run ("ring")."""
+    vico = api.load(miniature_run / "checkpoints" / "adapter.safetensors", device="cpu")
+    written = api.export(vico, tmp_path, formats=("adapter", "textual_inversion"))
+    assert [p.name for p in written] == ["adapter-1.safetensors", "ring-1.pt"]
+
+
+def test_the_random_base_is_readable_by_others(tiny_run):
+    """random-base.safetensors is written like the exports, 0644 under the usual umask (already so
+    on the main this issue was filed against: kept by this test)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE((tiny_run.folder / "random-base.safetensors").stat().st_mode) == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------ item 5
+README = ROOT / "README.md"
+#: docs/REPRODUCTION.md is the lead's (being written): its link is not checked until it exists.
+PENDING_DOCS = ("docs/REPRODUCTION.md",)
+
+
+def test_the_readme_starts_with_the_two_commands_a_picture_and_what_next():
+    """Before: 600 lines, no picture, the no-weights path at line 321. After: under 250 lines; the
+    two commands, the demo's grid (4x, nearest neighbour) and attention sheet, and what to do next
+    come before Install; reference material lives in docs/."""
+    text = README.read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 250
+    top = text[: text.index("## Install")]
+    assert re.search(r"```bash\nmake demo .*\nmake test ", top)
+    for image in ("docs/images/demo-beach.png", "docs/images/demo-attention.png"):
+        assert f"]({image})" in top
+        with Image.open(ROOT / image) as picture:
+            assert picture.format == "PNG"
+    with Image.open(ROOT / "docs/images/demo-beach.png") as grid:  # 64 px cells, 2 px padding, shown 4x
+        assert grid.size == (4 * (2 + 5 * 66), 4 * (2 + 66))
+    assert "## What to do next" in top and "python scripts/reproduce_miniworld.py" in top and "docs/BASELINES.md" in top
+    for moved in ("Stable Diffusion 2.x", "Trust: which files", "Checkpoint compatibility", "Memory: what fits"):
+        assert f"## {moved}" not in text
+
+
+def test_every_local_link_of_the_readme_and_docs_resolves():
+    for page in (README, *sorted((ROOT / "docs").glob("*.md"))):
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            path = (page.parent / target).resolve()
+            if path.relative_to(ROOT).as_posix() in PENDING_DOCS:
+                continue
+            assert path.exists(), f"{page.relative_to(ROOT)}: {target}"
