@@ -33,7 +33,7 @@ from ldm.models import diffusers_layout
 from ldm.models.diffusion.parameterization import eps_from_v, to_eps, v_target, x0_from_v
 from ldm.models.diffusion.sampling import DDIMSchedule, alpha_at
 from ldm.modules.diffusionmodules.util import GroupNorm32
-from ldm.models.base_checkpoint import is_base_key, read_diffusers_folder
+from ldm.models.base_checkpoint import read_diffusers_folder, unused_base_keys
 from ldm.util import instantiate_from_config
 from tests.manifest import read_manifest
 
@@ -237,22 +237,18 @@ def sd1(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory):
-    """SD 2.x shapes: UNet and VAE through the diffusers-folder reader; the text encoder, which the
-    reader does not handle for SD 2.x, through :func:`diffusers_layout.open_clip_text_encoder_to_compvis`."""
+    """SD 2.x shapes; our model built with its diffusers folder as ``ckpt_path``: the UNet, the VAE
+    and the OpenCLIP text encoder (told apart by its gelu) through the folder reader. What
+    diffusers' SD 2.x text encoder lacks (its last layer, the projection) is unused at the
+    penultimate layer, and stays as built."""
     unet, vae, text = reference_networks(DIFFUSERS_UNET_V2, CLIP_TEXT_V2, seed=20)
     folder = write_diffusers_folder(tmp_path_factory.mktemp("sd2") / "sd-v2", unet, vae, text)
+    found = read_diffusers_folder(folder)
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in found)  # read as OpenCLIP, not CLIP
     torch.manual_seed(0)
-    ours = instantiate_from_config(latent_diffusion_config(UNET_V2, TEXT_V2, None)).eval()
-    found = {
-        k: v for k, v in read_diffusers_folder(folder).items() if k.startswith(("model.", "first_stage_model."))
-    }
-    found.update(diffusers_layout.open_clip_text_encoder_to_compvis(text.state_dict()))
-    result = ours.load_state_dict(found, strict=False)
-    assert result.unexpected_keys == []
-    # Of the frozen networks' weights, only what diffusers' SD 2.x text encoder lacks is missing:
-    # the last layer and the projection, both unused at the penultimate layer.
-    last = f"{diffusers_layout.OPEN_CLIP_TEXT_PREFIX}transformer.resblocks.{TEXT_V2['params']['layers'] - 1}."
-    assert sorted(k for k in result.missing_keys if is_base_key(k) and not k.startswith(last)) == [
+    ours = instantiate_from_config(latent_diffusion_config(UNET_V2, TEXT_V2, folder)).eval()
+    last = f"cond_stage_model.model.transformer.resblocks.{TEXT_V2['params']['layers'] - 1}."
+    assert sorted(k for k in unused_base_keys(ours) if not k.startswith(last)) == [
         "cond_stage_model.model.logit_scale",
         "cond_stage_model.model.text_projection",
     ]
@@ -468,3 +464,24 @@ def test_open_clip_mapping_leaves_an_incomplete_attention_to_the_key_check():
     )
     block = f"{diffusers_layout.OPEN_CLIP_TEXT_PREFIX}transformer.resblocks.0.attn."
     assert sorted(converted) == [f"{block}k_proj.weight", f"{block}q_proj.weight"]
+
+
+def test_sd2_folder_loads_onto_a_meta_built_model(sd2, tmp_path):
+    """The low-memory path (built on ``meta``, weights assigned): nothing stays on meta, and the
+    unused weights the folder lacks become zeros."""
+    from ldm.models.base_checkpoint import load_base_checkpoint
+
+    folder = write_diffusers_folder(tmp_path / "sd-v2", sd2.unet, sd2.vae, sd2.text)
+    with torch.device("meta"):
+        model = instantiate_from_config(latent_diffusion_config(UNET_V2, TEXT_V2, None))
+    load_base_checkpoint(model, folder, assign=True)
+    base = [name for name, tensor in model.state_dict().items() if tensor.is_meta and is_base_name(name)]
+    assert base == []
+    assert not model.cond_stage_model.model.text_projection.any()
+    tokens = sample_tokens(model.cond_stage_model)
+    with torch.no_grad():
+        assert_close(model.cond_stage_model(tokens), sd2.ours.cond_stage_model(tokens), FLOAT32_RTOL, "meta-loaded text encoder")
+
+
+def is_base_name(name: str) -> bool:
+    return name.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model."))

@@ -8,6 +8,7 @@ key names, so it lives with the models, above :mod:`ldm.util`.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -93,12 +94,19 @@ def find_base_checkpoint(path: str | Path) -> Path:
 
 
 def read_diffusers_folder(folder: str | Path) -> dict[str, torch.Tensor]:
-    """SD v1 weights of a diffusers folder under CompVis keys (:mod:`ldm.models.diffusers_layout`)."""
+    """SD v1 or 2.x weights of a diffusers folder under CompVis keys (:mod:`ldm.models.diffusers_layout`).
+
+    The text encoder's ``config.json`` tells them apart: SD 2.x's OpenCLIP tower, converted to
+    transformers' ``CLIPTextModel``, uses ``gelu`` where CLIP ViT-L/14 uses ``quick_gelu``; it is
+    read under open_clip's names (:func:`diffusers_layout.open_clip_text_encoder_to_compvis`).
+    """
     folder = find_base_checkpoint(folder)
     converters = {
         "unet": diffusers_layout.unet_to_compvis,
         "vae": diffusers_layout.vae_to_compvis,
-        "text_encoder": diffusers_layout.text_encoder_to_compvis,
+        "text_encoder": diffusers_layout.open_clip_text_encoder_to_compvis
+        if _text_activation(folder) == "gelu"
+        else diffusers_layout.text_encoder_to_compvis,
     }
     state_dict: dict[str, torch.Tensor] = {}
     for part, convert in converters.items():
@@ -107,6 +115,14 @@ def read_diffusers_folder(folder: str | Path) -> dict[str, torch.Tensor]:
         state_dict.update(convert(tensors))
         logger.debug("%s: %d tensors from %s", folder, len(tensors), file)
     return state_dict
+
+
+def _text_activation(folder: Path) -> str | None:
+    """``hidden_act`` of a diffusers folder's ``text_encoder/config.json`` (None when absent or unreadable)."""
+    try:
+        return json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_act")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _is_tolerated_extra(key: str) -> bool:
@@ -133,7 +149,9 @@ def load_base_checkpoint(model: nn.Module, path: str | Path, assign: bool = Fals
     """
     found = read_state_dict(path)
     expected = model.state_dict()
-    check_state_dict(expected, found, path, [k for k in expected if is_base_key(k)])
+    unused = set(unused_base_keys(model))
+    required = [k for k in expected if is_base_key(k) and not (k in unused and k not in found)]
+    check_state_dict(expected, found, path, required)
     unexpected = [k for k in found if k not in expected and not _is_tolerated_extra(k)]
     if unexpected:
         logger.warning("%s: ignoring %d unexpected keys, e.g. %s", path, len(unexpected), unexpected[:3])
@@ -142,3 +160,18 @@ def load_base_checkpoint(model: nn.Module, path: str | Path, assign: bool = Fals
         strict=False,
         assign=assign,
     )
+    for key in sorted(unused - found.keys()):  # kept as built; on the meta device, zeros
+        module_name, _, name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = getattr(module, name)
+        if tensor.is_meta:
+            setattr(module, name, nn.Parameter(torch.zeros(tensor.shape, dtype=tensor.dtype), requires_grad=False))
+
+
+def unused_base_keys(model: nn.Module) -> list[str]:
+    """Base weights the model holds but never computes with (the last layer of a text encoder
+    read at its penultimate layer, CLIP's projection): a base file may lack them (diffusers'
+    SD 2.x text encoder does), and then they stay as built."""
+    encoder = getattr(model, "cond_stage_model", None)
+    keys = getattr(encoder, "unused_state_keys", lambda: [])()
+    return [f"cond_stage_model.{key}" for key in keys]

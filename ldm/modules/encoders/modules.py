@@ -325,6 +325,16 @@ class FrozenOpenCLIPEmbedder(FrozenTextEncoder):
         """The token embedding table, ``[vocab_size, width]``."""
         return self.model.token_embedding
 
+    def unused_state_keys(self) -> list[str]:
+        """Weights that no output depends on: the projection to the joint space, the logit scale
+        and, at the penultimate layer, the last transformer layer (diffusers' SD 2.x text encoder
+        has none of them)."""
+        names = [name for name in ("model.text_projection", "model.logit_scale") if name in self.state_dict()]
+        if self.layer == "penultimate":
+            last = f"model.transformer.resblocks.{len(self.model.transformer.resblocks) - 1}."
+            names += [name for name in self.state_dict() if name.startswith(last)]
+        return names
+
     def encode_embeddings(self, embeddings: Tensor) -> Tensor:
         """Position embeddings, the causal transformer up to ``layer``, the final layer norm."""
         x = embeddings + self.model.positional_embedding.to(embeddings.dtype)
