@@ -395,6 +395,10 @@ def _check_safetensors_claims(path: Path, size: int) -> None:
             raise _claim_refusal(path, key, shape, claimed, held)
 
 
+_INFLATED_CODE_ALLOWANCE = 16 << 20
+"""What the deflated records of a zip checkpoint (TorchScript's code) may add beyond the file's size."""
+
+
 def check_storage_claims(path: str | Path) -> None:
     """Refuse a weight file whose tensors claim more data than the file holds, before it is loaded.
 
@@ -413,10 +417,15 @@ def check_storage_claims(path: str | Path) -> None:
             claimed = _legacy_claimed_bytes(path)
         except Exception as err:  # noqa: BLE001 - a corrupt pickle fails in arbitrary ways
             raise CheckpointError(f"{path}: not a readable checkpoint (corrupted or truncated? {_first_line(err)})") from None
+        allowance = 0
     else:
         with zipfile.ZipFile(path) as archive:
             claimed = sum(info.file_size for info in archive.infolist())
-    if claimed > size:
+            # torch stores tensors uncompressed; a TorchScript archive also deflates its code
+            allowance = _INFLATED_CODE_ALLOWANCE if any(
+                info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()
+            ) else 0
+    if claimed > size + allowance:
         raise OversizedTensorError(
             f"{path}: its tensors claim {format_bytes(claimed)} of data in a file of {format_bytes(size)} "
             f"(a damaged or hostile file)"

@@ -584,7 +584,7 @@ def label(name: str) -> str:
 def main_section(plan: Plan, rows: Mapping) -> list[str]:
     seeds, concepts = plan.seeds, plan.concepts
     lines = ["## Table 2 in miniature: the baselines at their own recipes", ""]
-    header = ["method", "training steps", *(METRIC_LABELS[m] for m in REPORT_METRICS), "paper: I_DINO / I_CLIP / T_CLIP"]
+    header = ["method", "training steps", "cells", *(METRIC_LABELS[m] for m in REPORT_METRICS), "paper: I_DINO / I_CLIP / T_CLIP"]
     body = []
     for name in MAIN_METHODS:
         values = {m: [v for s in seeds for c in concepts if (s, c, name) in rows
@@ -592,11 +592,12 @@ def main_section(plan: Plan, rows: Mapping) -> list[str]:
         if not values["feature_similarity"]:
             continue
         paper = " / ".join(f"{v:.3f}" for v in PAPER_TABLE2[name]) if name in PAPER_TABLE2 else ""
-        body.append([label(name), trained_steps(plan, name), *(with_se(values[m]) for m in REPORT_METRICS), paper])
+        cells = sum((s, c, name) in rows for s in seeds for c in concepts)
+        body.append([label(name), trained_steps(plan, name), str(cells), *(with_se(values[m]) for m in REPORT_METRICS), paper])
     pairs = len(seeds) * len(concepts)
     lines += [
-        f"Mean over {len(concepts)} concepts x {len(seeds)} seeds ({pairs} (concept, seed) cells), ± the standard "
-        "error over those cells. Attribute accuracy is the mean accuracy of shape, both colours, both "
+        f"Mean over the (concept, seed) cells done of {len(concepts)} concepts x {len(seeds)} seeds ({pairs} cells "
+        "planned; the 'cells' column counts each row's), ± the standard error over those cells. Attribute accuracy is the mean accuracy of shape, both colours, both "
         "patterns and the notch; object fidelity needs all of them right at once.",
         "",
         *table(header, body),
@@ -841,6 +842,8 @@ def write_report(plan: Plan) -> None:
     rows = rows_by(plan, plan.seeds)
     settings = plan.settings
     command = "python scripts/reproduce_miniworld.py" + (" --quick" if plan.quick else "")
+    if not plan.quick and plan.concepts != all_concepts():
+        command += " --concepts " + ",".join(plan.concepts)
     lines = [
         "# The paper's experiments in miniature",
         "",
@@ -870,14 +873,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, any of {', '.join(STAGES)}")
     parser.add_argument("--quick", action="store_true", help=f"one concept ({QUICK_CONCEPT}), one seed, a few steps: a smoke test")
     parser.add_argument("--report", default=None, help=f"the report file (default {REPORT.relative_to(ROOT)}; with --quick: <outdir>/REPRODUCTION.md)")
+    parser.add_argument("--concepts", default=None, help="comma-separated concept names (default: every spec of "
+                        f"{ev.CONCEPTS_DIR.relative_to(ROOT)}); a report on fewer concepts says so")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return parser
+
+
+def all_concepts() -> tuple[str, ...]:
+    """The names of the shipped concept specs."""
+    return tuple(sorted(p.stem for p in ev.CONCEPTS_DIR.glob("*.yaml")))
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
     stages = ev.comma_list(args.stages, STAGES, "stage")
     outdir = Path(args.outdir)
-    concepts = (QUICK_CONCEPT,) if args.quick else tuple(sorted(p.stem for p in ev.CONCEPTS_DIR.glob("*.yaml")))
+    if args.concepts:
+        concepts = ev.comma_list(args.concepts, all_concepts(), "concept")
+    else:
+        concepts = (QUICK_CONCEPT,) if args.quick else all_concepts()
     report = Path(args.report) if args.report else (outdir / "REPRODUCTION.md" if args.quick else REPORT)
     images = report.parent / "images" / "reproduction"
     return Plan(outdir, dict(QUICK if args.quick else FULL), concepts, SEEDS[:1] if args.quick else SEEDS,

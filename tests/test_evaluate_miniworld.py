@@ -75,7 +75,7 @@ def first_run(random_world, tmp_path_factory) -> tuple[Path, list[dict]]:
 
 def test_every_method_is_trained_sampled_and_scored(first_run):
     outdir, rows = first_run
-    assert [row["method"] for row in rows] == list(ev.METHODS)
+    assert [row["method"] for row in rows] == list(ev.DEFAULT_METHODS)
     for row in rows:
         assert row["num_generated"] == 2 and row["concept"] == CONCEPT
         for key in ("object_fidelity", "shape", "colour_0", "notch", "prompt_fidelity"):
@@ -89,26 +89,26 @@ def test_every_method_is_trained_sampled_and_scored(first_run):
     concept = outdir / CONCEPT
     assert sorted(p.name for p in (concept / "photos").glob("*.png")) == [f"0{i}.png" for i in range(5)]
     assert len(list((concept / "photos" / "masks").glob("*.png"))) == 5
-    for method in ev.METHODS:
+    for method in ev.DEFAULT_METHODS:
         assert sorted(p.name for p in (concept / method / "samples").iterdir()) == ["beach-s00.png", "beach-s01.png"]
     for method in ("textual-inversion", "vico", "no-mask", "no-regularizer"):
         record = json.loads((concept / method / "training.json").read_text())
         assert main.read_resume_checkpoint(concept / method / record["checkpoint"]) == 1
     assert (concept / "vico" / "attention.png").is_file()
     with Image.open(concept / "sheet.png") as sheet:  # photos, scene names, one row per method
-        assert sheet.height == 2 + (2 + len(ev.METHODS)) * (64 + 2)
+        assert sheet.height == 2 + (2 + len(ev.DEFAULT_METHODS)) * (64 + 2)
 
 
 def test_tables_and_files(first_run):
     outdir, rows = first_run
     table = (outdir / "table.md").read_text()
-    for method in ev.METHODS.values():
-        assert f"| {method.label} |" in table
+    for name in ev.DEFAULT_METHODS:
+        assert f"| {ev.METHODS[name].label} |" in table
     assert "## Mean over concepts" in table and "a mask of every patch" in table and "layer 14 (16x16)" in table
     with open(outdir / "scores.csv", newline="") as handle:
         lines = list(csv.DictReader(handle))
-    assert [(line["concept"], line["method"]) for line in lines] == [(CONCEPT, m) for m in ev.METHODS] + [
-        ("mean", m) for m in ev.METHODS
+    assert [(line["concept"], line["method"]) for line in lines] == [(CONCEPT, m) for m in ev.DEFAULT_METHODS] + [
+        ("mean", m) for m in ev.DEFAULT_METHODS
     ]
     report = json.loads((outdir / "scores.json").read_text())
     assert report["settings"]["train_steps"] == 1 and len(report["rows"]) == len(rows)
@@ -177,7 +177,7 @@ def test_overrides_reach_every_training_and_are_part_of_the_settings(first_run, 
 
 def test_mistakes_are_one_line_errors(first_run, random_world, tmp_path, capsys):
     cases = [
-        (argv(random_world, tmp_path / "a", "--methods", "vico,dreambooth"), "unknown method 'dreambooth'"),
+        (argv(random_world, tmp_path / "a", "--methods", "vico,dreamboth"), "unknown method 'dreamboth'"),
         (argv(random_world, tmp_path / "b", "--scenes", "moon"), "unknown scene 'moon'"),
         (argv(tmp_path, tmp_path / "c"), "base model not found"),
         (argv(random_world, tmp_path / "d", "--classifier", str(tmp_path / "none.safetensors")), "world classifier not found"),

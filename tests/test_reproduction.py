@@ -134,3 +134,13 @@ def test_bad_stage_is_one_line(capsys):
     assert rp.main(["--stages", "main,everything"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown stage 'everything'") and "\n" not in err
+
+
+def test_unknown_concept_is_one_line_and_a_subset_is_named_in_the_report(tmp_path, capsys):
+    assert rp.main(["--concepts", "candy_star,moon_disc", "--stages", "report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown concept 'moon_disc'") and "\n" not in err
+    report = tmp_path / "REPRODUCTION.md"
+    assert rp.main(["--outdir", str(tmp_path / "empty"), "--concepts", "candy_star", "--stages", "report", "--report", str(report)]) == 0
+    text = report.read_text()
+    assert "`python scripts/reproduce_miniworld.py --concepts candy_star`" in text and "concepts candy_star;" in text
