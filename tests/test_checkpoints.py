@@ -259,3 +259,22 @@ def test_adapter_is_readable_by_others_and_has_no_absolute_paths(tiny, tmp_path)
     model, _ = load_vico_model(adapter)
     for key, value in tiny.trained_state_dict().items():
         assert torch.equal(model.trained_state_dict()[key], value), key
+
+
+def test_s_star_starts_at_the_init_words_embedding_in_the_loaded_base(tiny, tmp_path):
+    """As in the authors' code (their embedding manager is built on the pretrained CLIP), S*
+    starts at the init word's embedding in the base weights, not in the table as first built."""
+    base_state = tiny.base_state_dict()
+    table_key = next(k for k in base_state if k.endswith("token_embedding.weight"))
+    base_state[table_key] = torch.randn_like(base_state[table_key]) * 0.01  # unlike any fresh initialisation
+    save_state_dict(base_state, tmp_path / "base.safetensors")
+    config = tiny_config()
+    config.model.params.ckpt_path = str(tmp_path / "base.safetensors")
+    model = instantiate_from_config(config.model)
+    manager = model.embedding_manager
+    (init_id,) = manager.init_token_ids.values()
+    assert init_id == model.cond_stage_model.tokenizer.encode("toy")[0]
+    expected = base_state[table_key][init_id]
+    assert torch.equal(manager.string_to_param_dict["*"][0], expected)
+    assert torch.equal(manager.initial_embeddings["*"][0], expected)
+    assert manager.string_to_param_dict["*"].requires_grad and not manager.initial_embeddings["*"].requires_grad

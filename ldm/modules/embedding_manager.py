@@ -129,6 +129,8 @@ class EmbeddingManager(nn.Module):
         self.num_vectors_per_token = num_vectors_per_token
         #: placeholder -> the identifier token its vector started from (only those given one)
         self.identifier_token_ids: dict[str, int] = {}
+        #: placeholder -> the token (init or identifier word) whose embedding it starts from
+        self.init_token_ids: dict[str, int] = {}
         #: placeholder token id -> the ids of its class word (empty without class words)
         self.class_token_ids: dict[int, list[int]] = {}
         self.string_to_token_dict: dict[str, int] = {}
@@ -155,6 +157,7 @@ class EmbeddingManager(nn.Module):
                 word = initializer_words[index]
                 init_id = single_token_id(tokenizer, word, "initializer word", "choose a word that is a single token")
             if init_id is not None:
+                self.init_token_ids[placeholder] = init_id
                 initial = table[init_id].detach().repeat(num_vectors_per_token, 1)
             else:
                 initial = torch.rand(num_vectors_per_token, table.shape[1], dtype=table.dtype, device=table.device)
@@ -167,6 +170,24 @@ class EmbeddingManager(nn.Module):
             self.string_to_param_dict[placeholder] = nn.Parameter(initial.clone())
             self.initial_embeddings[placeholder] = nn.Parameter(initial, requires_grad=False)
             logger.debug("placeholder %r = token %d, initialised from %r", placeholder, token_id, word)
+
+    @torch.no_grad()
+    def restart_from_token_table(self, token_embedding: Tensor) -> None:
+        """Set each placeholder with an init (or identifier) word back to that word's embedding.
+
+        The manager is built with the text encoder, before a base checkpoint fills the token
+        table; Textual Inversion's and ViCo's code build theirs on the pretrained CLIP, so S*
+        starts at the init word's pretrained embedding. Called after the base weights are loaded.
+        Placeholders without a word keep their ``torch.rand`` start.
+        """
+        for placeholder, token_id in self.init_token_ids.items():
+            value = token_embedding[token_id].detach().repeat(self.num_vectors_per_token, 1)
+            for params in (self.string_to_param_dict, self.initial_embeddings):
+                param = params[placeholder]
+                if param.is_meta:
+                    params[placeholder] = nn.Parameter(value.to(param.dtype).clone(), requires_grad=param.requires_grad)
+                else:
+                    param.copy_(value)
 
     def embedding_parameters(self) -> Iterator[nn.Parameter]:
         """Yields the learnable placeholder vectors (what the optimizer trains)."""

@@ -215,8 +215,10 @@ class LatentDiffusionModel(nn.Module):
             self.register_buffer(name, to_torch(value))
 
     def load_base_checkpoint(self, path: str, assign: bool = False) -> None:
-        """Load the frozen SD v1 weights (see :func:`ldm.models.base_checkpoint.load_base_checkpoint`)."""
+        """Load the frozen SD v1 weights (see :func:`ldm.models.base_checkpoint.load_base_checkpoint`);
+        S* then starts at its init word's embedding in those weights."""
         load_base_checkpoint(self, path, assign=assign)
+        self.embedding_manager.restart_from_token_table(self.cond_stage_model.token_embedding.weight)
 
     def freeze_base_model(self) -> None:
         """Only what the settings train learns (:meth:`trainable_parameters`); the rest is frozen."""
