@@ -36,8 +36,10 @@ demo-sd: $(STAMP)
 		--n_samples 4 --n_iter 1 --ddim_steps 20 --scale 7.5 --outdir outputs/demo-sd
 	@echo "demo-sd samples (random weights: noise): outputs/demo-sd"
 
+# Two test processes, one torch thread each (tests/conftest.py); a file's tests stay in one process,
+# so module fixtures (the claim tests' trainings) are built once.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean-demo:
 	rm -rf $(LOGDIR)/*_demo $(LOGDIR)/*_demo-sd $(DEMO_OUT) outputs/demo-sd

@@ -1,5 +1,5 @@
 """Test-session settings: one intra-op thread per test process, shipped model files required,
-and no skip but the allowed ones.
+no skip but the allowed ones, and the longest file first.
 
 The tiny models gain nothing from a second thread, and on a 2-core machine several
 processes (CPU DDP ranks, CLI subprocesses, other jobs) each starting a full thread pool
@@ -51,6 +51,26 @@ def shipped_miniworld_models() -> tuple[Path, ...]:
                 pytrace=False,
             )
     return SHIPPED_MINIWORLD_MODELS
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Back to one torch thread after each test: the miniworld commands run in-process set their
+    ``--threads`` (2) for the whole process, and every later test of that process then ran with two
+    threads beside the other test process, ten times slower (a sampling fixture: 11 s alone, 190 s
+    in the suite)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
+#: Files whose module fixtures take longest (the claim tests train three runs): collected first,
+#: so that with ``make test``'s two processes one starts them at once and the other takes the rest.
+LONGEST_FIRST = ("test_claims.py",)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: otherwise in order
 
 
 def _skip_reason(report) -> str:

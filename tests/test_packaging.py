@@ -53,7 +53,7 @@ def test_dependencies_are_exactly_what_the_code_imports():
     imported = imported_distributions()
     assert imported - declared - extras["eval"] == set(), "imported but not declared"
     assert declared - imported - NOT_IMPORTED == set(), "declared but imported nowhere"
-    assert extras["eval"] == {"timm"} and extras["dev"] == {"pytest", "diffusers"}
+    assert extras["eval"] == {"timm"} and extras["dev"] == {"pytest", "pytest-xdist", "diffusers"}
 
 
 def test_requirements_pin_every_declared_dependency():
