@@ -552,10 +552,16 @@ def pairs_of(rows: Mapping, seeds: Sequence[int], concepts: Sequence[str], a: st
     return [(rows[s, c, a], rows[s, c, b]) for s in seeds for c in concepts if (s, c, a) in rows and (s, c, b) in rows]
 
 
+#: The verdict of a comparison measured on one (concept, seed) pair: no standard error, no verdict.
+ONE_PAIR = "one pair: no verdict"
+
+
 def verdict(comparison: Comparison | None) -> str:
     """Whether b is ahead of a beyond two standard errors of the paired difference."""
-    if comparison is None or comparison.se is None:
+    if comparison is None:
         return "not measured"
+    if comparison.se is None:
+        return ONE_PAIR
     if comparison.mean_difference > 2 * comparison.se:
         return "ahead"
     if comparison.mean_difference < -2 * comparison.se:
@@ -676,8 +682,10 @@ CLAIMS = (
 def claim_verdict(claim: Claim, comparison: Comparison | None) -> str:
     """'holds' / 'contradicted' beyond two standard errors, else 'within noise'. A claim of no
     difference (sign -1 on "does as well"/"is enough" rows) holds when b is not behind beyond noise."""
-    if comparison is None or comparison.se is None:
+    if comparison is None:
         return "not measured"
+    if comparison.se is None:
+        return ONE_PAIR
     difference, margin = comparison.mean_difference, 2 * comparison.se
     if claim.sign < 0:  # a claim that b is no worse than a
         return "holds" if difference > -margin else "contradicted"
@@ -838,6 +846,28 @@ def concept_sheets(plan: Plan) -> list[str]:
     return lines
 
 
+def status_section(plan: Plan, rows: Mapping) -> list[str]:
+    """How much of the plan is done: the trained-and-scored cells of each part, and what is missing."""
+    main_cells = [(s, c, m) for s in plan.seeds for c in plan.concepts for m in plan.main_methods]
+    ablation_cells = [(plan.seeds[0], c, m) for c in plan.concepts for m in plan.ablation_methods]
+    analyses = [p.stem for p in sorted((plan.outdir / "analyses").glob("*.json"))]
+
+    def done(cells: Sequence[tuple[int, str, str]]) -> int:
+        return sum(cell in rows for cell in cells)
+
+    missing = sorted({m for cell in main_cells + ablation_cells if cell not in rows for m in [cell[2]]})
+    lines = ["## What is done", "",
+             f"- main comparison: {done(main_cells)} of {len(main_cells)} (seed, concept, method) cells",
+             f"- ablations (seed {plan.seeds[0]}): {done(ablation_cells)} of {len(ablation_cells)} cells",
+             f"- analyses: {', '.join(analyses) if analyses else 'none'}; Table 3: "
+             f"{'measured' if (plan.outdir / 'table3' / 'costs.json').is_file() else 'not measured'}"]  # fmt: skip
+    if missing:
+        lines += [f"- rows with cells still to run: {', '.join(missing)}. The same command continues where it "
+                  "stopped; a comparison measured on one (concept, seed) pair has no standard error and "
+                  f"no verdict ('{ONE_PAIR}')."]  # fmt: skip
+    return lines + [""]
+
+
 def write_report(plan: Plan) -> None:
     rows = rows_by(plan, plan.seeds)
     settings = plan.settings
@@ -854,6 +884,7 @@ def write_report(plan: Plan) -> None:
         f"guidance {settings['scale']}. Metrics: docs/EVALUATION.md, 'The miniature world'. Every row trains with "
         "main.py from the same base, photos and seed; its steps are in the table.",
         "",
+        *status_section(plan, rows),
         *claims_section(plan, rows),
         *main_section(plan, rows),
         *ablation_section(plan, rows),

@@ -42,7 +42,8 @@ def test_verdict_is_two_standard_errors_of_the_paired_difference(b, expected):
     if expected == "ahead":  # identical differences have sd 0: beyond two standard errors of 0
         assert comparison.se == pytest.approx(0.0)
     assert rp.verdict(comparison) == expected
-    assert rp.verdict(compare(pairs[:1], "feature_similarity")) == "not measured"
+    assert rp.verdict(compare(pairs[:1], "feature_similarity")) == rp.ONE_PAIR
+    assert rp.verdict(None) == "not measured"
 
 
 def test_claim_verdicts_on_hand_made_differences():
@@ -58,6 +59,7 @@ def test_claim_verdicts_on_hand_made_differences():
     assert rp.claim_verdict(no_worse, comparison([0.1, -0.1, 0.05])) == "holds"
     assert rp.claim_verdict(no_worse, comparison([-0.1, -0.12, -0.09])) == "contradicted"
     assert rp.claim_verdict(better, None) == "not measured"
+    assert rp.claim_verdict(better, comparison([0.3])) == rp.ONE_PAIR
     assert all(claim.a in rp.ev.METHODS and claim.b in rp.ev.METHODS for claim in rp.CLAIMS)
 
 
@@ -118,7 +120,7 @@ def test_quick_run_makes_every_stage_and_the_report(tmp_path, shipped_miniworld_
     report = tmp_path / "REPRODUCTION.md"
     assert rp.main(["--quick", "--outdir", str(out), "--report", str(report), "--device", "cpu"]) == 0
     text = report.read_text()
-    for heading in ("## The paper's claims, in miniature", "## Table 2 in miniature", "## Ablations", "### The S* mask over the course of training",
+    for heading in ("## What is done", "## The paper's claims, in miniature", "## Table 2 in miniature", "## Ablations", "### The S* mask over the course of training",
                     "### S* attention on the generated image", "### Property editing", "### How much of ViCo's picture comes from the reference", "## Table 3 in miniature", "## Pictures"):
         assert heading in text, heading
     for name in rp.QUICK_MAIN:
