@@ -667,7 +667,7 @@ CLAIMS = (
     Claim("ViCo follows the prompt better than Textual Inversion", "Table 2 (T_CLIP 0.229 vs 0.216)", "textual-inversion-recipe", "vico", "prompt_fidelity"),
     Claim("DreamBooth follows the prompt better than ViCo", "Table 2 (0.236 vs 0.229)", "vico", "dreambooth", "prompt_fidelity"),
     Claim("Custom Diffusion follows the prompt better than ViCo", "Table 2 (0.249 vs 0.229)", "vico", "custom-diffusion", "prompt_fidelity"),
-    Claim("The image attention at the paper's 1e-5 is enough (no gain from 1e-4)", "Appendix A", "vico-lr1e-5", "vico", "feature_similarity", -1),
+    Claim("The image attention at the paper's 1e-5 is enough (no gain from 1e-4)", "Appendix A", "vico", "vico-lr1e-5", "feature_similarity", -1),
     Claim("The mask helps", "Table 4 (1) vs (2)", "no-mask", "vico", "feature_similarity", seeds="first"),
     Claim("The regulariser sharpens the S* mask", "Figs. 5(c), 20", "no-regularizer", "vico", "mask_iou", seeds="first"),
     Claim("Image attention in the decoder beats the encoder", "Fig. 8", "encoder-layers", "vico", "feature_similarity", seeds="first"),

@@ -61,6 +61,9 @@ def test_claim_verdicts_on_hand_made_differences():
     assert rp.claim_verdict(better, None) == "not measured"
     assert rp.claim_verdict(better, comparison([0.3])) == rp.ONE_PAIR
     assert all(claim.a in rp.ev.METHODS and claim.b in rp.ev.METHODS for claim in rp.CLAIMS)
+    # "1e-5 is enough": the row at 1e-5 (b) must not be behind ViCo at 1e-4 (a)
+    (enough,) = [claim for claim in rp.CLAIMS if "1e-5 is enough" in claim.text]
+    assert (enough.a, enough.b, enough.sign) == ("vico", "vico-lr1e-5", -1)
 
 
 # ------------------------------------------------------------------ attention on the generated image
