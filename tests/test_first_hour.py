@@ -445,8 +445,6 @@ def test_the_random_base_is_readable_by_others(tiny_run):
 
 # ------------------------------------------------------------------ item 5
 README = ROOT / "README.md"
-#: docs/REPRODUCTION.md is the lead's (being written): its link is not checked until it exists.
-PENDING_DOCS = ("docs/REPRODUCTION.md",)
 
 
 def test_the_readme_starts_with_the_two_commands_a_picture_and_what_next():
@@ -474,6 +472,4 @@ def test_every_local_link_of_the_readme_and_docs_resolves():
             if target.startswith(("http://", "https://")):
                 continue
             path = (page.parent / target).resolve()
-            if path.relative_to(ROOT).as_posix() in PENDING_DOCS:
-                continue
             assert path.exists(), f"{page.relative_to(ROOT)}: {target}"
