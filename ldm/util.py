@@ -420,11 +420,11 @@ def check_storage_claims(path: str | Path) -> None:
         allowance = 0
     else:
         with zipfile.ZipFile(path) as archive:
-            claimed = sum(info.file_size for info in archive.infolist())
-            # torch stores tensors uncompressed; a TorchScript archive also deflates its code
-            allowance = _INFLATED_CODE_ALLOWANCE if any(
-                info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()
-            ) else 0
+            records = archive.infolist()
+        claimed = sum(info.file_size for info in records)
+        # torch stores tensors uncompressed; a TorchScript archive also deflates its code
+        deflated = any(info.compress_type != zipfile.ZIP_STORED for info in records)
+        allowance = _INFLATED_CODE_ALLOWANCE if deflated else 0
     if claimed > size + allowance:
         raise OversizedTensorError(
             f"{path}: its tensors claim {format_bytes(claimed)} of data in a file of {format_bytes(size)} "

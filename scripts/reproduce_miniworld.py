@@ -603,8 +603,9 @@ def main_section(plan: Plan, rows: Mapping) -> list[str]:
     pairs = len(seeds) * len(concepts)
     lines += [
         f"Mean over the (concept, seed) cells done of {len(concepts)} concepts x {len(seeds)} seeds ({pairs} cells "
-        "planned; the 'cells' column counts each row's), ± the standard error over those cells. Attribute accuracy is the mean accuracy of shape, both colours, both "
-        "patterns and the notch; object fidelity needs all of them right at once.",
+        "planned; the 'cells' column counts each row's), ± the standard error over those cells. Attribute "
+        "accuracy is the mean accuracy of shape, both colours, both patterns and the notch; object fidelity "
+        "needs all of them right at once.",
         "",
         *table(header, body),
         "",
@@ -855,7 +856,7 @@ def status_section(plan: Plan, rows: Mapping) -> list[str]:
     def done(cells: Sequence[tuple[int, str, str]]) -> int:
         return sum(cell in rows for cell in cells)
 
-    missing = sorted({m for cell in main_cells + ablation_cells if cell not in rows for m in [cell[2]]})
+    missing = sorted({cell[2] for cell in main_cells + ablation_cells if cell not in rows})
     lines = ["## What is done", "",
              f"- main comparison: {done(main_cells)} of {len(main_cells)} (seed, concept, method) cells",
              f"- ablations (seed {plan.seeds[0]}): {done(ablation_cells)} of {len(ablation_cells)} cells",
