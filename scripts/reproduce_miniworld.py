@@ -713,7 +713,9 @@ def claims_section(plan: Plan, rows: Mapping) -> list[str]:
 def ablation_section(plan: Plan, rows: Mapping) -> list[str]:
     seed = plan.seeds[:1]
     concepts = plan.concepts
-    lines = ["## Ablations", "", f"Seed {seed[0]}, {len(concepts)} concepts; each row against ViCo on the same "
+    measured = [c for c in concepts if any((seed[0], c, name) in rows for name in ABLATION_METHODS)]
+    lines = ["## Ablations", "", f"Seed {seed[0]}; concepts with ablation cells: "
+             f"{', '.join(measured) or 'none yet'}. Each row against ViCo on the same "
              "concepts, seed and starting noise: mean difference (row - ViCo) ± standard error over the concepts "
              "(row ahead / level / behind).", ""]  # fmt: skip
     body = []

@@ -129,6 +129,7 @@ def test_quick_run_makes_every_stage_and_the_report(tmp_path, shipped_miniworld_
     for name in rp.QUICK_MAIN:
         assert (out / "seed23" / rp.QUICK_CONCEPT / name / "scores.json").is_file(), name
     assert (tmp_path / "images" / "reproduction" / f"{rp.QUICK_CONCEPT}.png").is_file()
+    assert f"concepts with ablation cells: {rp.QUICK_CONCEPT}." in text
     # rerunning keeps what is done: nothing is trained or sampled again
     before = {p: p.stat().st_mtime_ns for p in out.rglob("samples/*.png")}
     assert rp.main(["--quick", "--outdir", str(out), "--report", str(report), "--device", "cpu"]) == 0
@@ -149,3 +150,4 @@ def test_unknown_concept_is_one_line_and_a_subset_is_named_in_the_report(tmp_pat
     assert rp.main(["--outdir", str(tmp_path / "empty"), "--concepts", "candy_star", "--stages", "report", "--report", str(report)]) == 0
     text = report.read_text()
     assert "`python scripts/reproduce_miniworld.py --concepts candy_star`" in text and "concepts candy_star;" in text
+    assert "concepts with ablation cells: none yet." in text
