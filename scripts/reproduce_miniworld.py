@@ -556,12 +556,17 @@ def pairs_of(rows: Mapping, seeds: Sequence[int], concepts: Sequence[str], a: st
 ONE_PAIR = "one pair: no verdict"
 
 
-def verdict(comparison: Comparison | None) -> str:
-    """Whether b is ahead of a beyond two standard errors of the paired difference."""
+def no_verdict(comparison: Comparison | None) -> str | None:
+    """Why a comparison cannot be judged (not measured, or one pair without a standard error); None if it can."""
     if comparison is None:
         return "not measured"
-    if comparison.se is None:
-        return ONE_PAIR
+    return ONE_PAIR if comparison.se is None else None
+
+
+def verdict(comparison: Comparison | None) -> str:
+    """Whether b is ahead of a beyond two standard errors of the paired difference."""
+    if reason := no_verdict(comparison):
+        return reason
     if comparison.mean_difference > 2 * comparison.se:
         return "ahead"
     if comparison.mean_difference < -2 * comparison.se:
@@ -683,10 +688,8 @@ CLAIMS = (
 def claim_verdict(claim: Claim, comparison: Comparison | None) -> str:
     """'holds' / 'contradicted' beyond two standard errors, else 'within noise'. A claim of no
     difference (sign -1 on "does as well"/"is enough" rows) holds when b is not behind beyond noise."""
-    if comparison is None:
-        return "not measured"
-    if comparison.se is None:
-        return ONE_PAIR
+    if reason := no_verdict(comparison):
+        return reason
     difference, margin = comparison.mean_difference, 2 * comparison.se
     if claim.sign < 0:  # a claim that b is no worse than a
         return "holds" if difference > -margin else "contradicted"
